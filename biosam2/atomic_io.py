@@ -1,0 +1,84 @@
+"""Writing files so that a crash, a kill or a full disk never leaves a half-written one behind.
+
+Every output goes to a temporary file in the destination's directory, is flushed to disk, and only
+then renamed over the destination (``os.replace`` is atomic on POSIX and Windows). On failure the
+temporary file is removed and the previous version of the destination, if any, is untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, BinaryIO
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | Path, suffix: str = "") -> Iterator[Path]:
+    """Yield a temporary path to write; on success it replaces ``path`` atomically.
+
+    ``suffix`` keeps the extension visible to writers that choose a format from the name
+    (e.g. nibabel needs ``.nii.gz``).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or ".tmp", dir=path.parent)
+    os.close(handle)
+    temporary_path = Path(temporary)
+    try:
+        yield temporary_path
+        with open(temporary_path, "rb+") as written:
+            os.fsync(written.fileno())
+        os.replace(temporary_path, path)
+    except BaseException:
+        temporary_path.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_output(path) as temporary, open(temporary, "wb") as stream:
+        stream.write(data)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, payload: Any) -> None:
+    atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=False) + "\n")
+
+
+def atomic_write_with(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
+    with atomic_output(path) as temporary, open(temporary, "wb") as stream:
+        write(stream)
+
+
+def replace_directory(build: Callable[[Path], None], target: str | Path) -> None:
+    """Build a directory's contents in a staging folder, then swap it in for ``target``.
+
+    Readers see either the old complete directory or the new complete one: the old one is only
+    removed after the new one is in place.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        build(staging)
+        for file in staging.rglob("*"):
+            if file.is_file():
+                with open(file, "rb") as written:
+                    os.fsync(written.fileno())
+        if target.exists():
+            retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+            os.replace(target, retired / target.name)
+            os.replace(staging, target)
+            shutil.rmtree(retired, ignore_errors=True)
+        else:
+            os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise

@@ -1,0 +1,147 @@
+"""Small model artifacts: only what was trained, plus a reference to the frozen SAM2 weights.
+
+An artifact directory holds
+
+- ``biosam2.safetensors``: the trained tensors (adapters, PEG, class heads, their buffers, and any
+  SAM2 tensor that was unfrozen);
+- ``biosam2.json``: the :class:`ModelConfig`, where the base SAM2 weights came from, and a fingerprint
+  of those weights so that restoring on different base weights is an error, not silently wrong logits.
+
+The directory is written as a whole (staging folder, then a swap): never half an artifact.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import torch
+from safetensors import SafetensorError
+
+from biosam2.atomic_io import replace_directory
+from biosam2.errors import CheckpointError
+from biosam2.model.config import ModelConfig
+from biosam2.model.sam2_weights import RandomWeightsWarning, WeightsSource
+
+WEIGHTS_FILE = "biosam2.safetensors"
+CONFIG_FILE = "biosam2.json"
+FORMAT = "biosam2-artifact"
+FORMAT_VERSION = 1
+
+
+def save_artifact(model, directory: str | Path, metadata: dict[str, Any] | None = None) -> Path:
+    directory = Path(directory)
+    source: WeightsSource = model.weights_source
+    tensors = {name: t.contiguous().clone() for name, t in model.trained_state_dict().items()}
+    description = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "model": model.config.to_dict(),
+        "base_weights": {"kind": source.kind, "reference": source.reference, "seed": source.seed},
+        "base_fingerprint": model.base_fingerprint(),
+        "trained_tensors": len(tensors),
+        "trained_parameters": sum(t.numel() for t in tensors.values()),
+        "metadata": metadata or {},
+    }
+
+    def write(staging: Path) -> None:
+        safetensors.torch.save_file(tensors, staging / WEIGHTS_FILE, metadata={"format": FORMAT})
+        (staging / CONFIG_FILE).write_text(json.dumps(description, indent=2) + "\n")
+
+    replace_directory(write, directory)
+    return directory
+
+
+def read_artifact_description(directory: str | Path) -> dict[str, Any]:
+    directory = Path(directory)
+    config_path = directory / CONFIG_FILE
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: not a biosam2 artifact directory (it does not exist or is a file)")
+    if not config_path.is_file():
+        raise CheckpointError(
+            f"{directory}: not a biosam2 artifact: {CONFIG_FILE} is missing (save one with model.save_pretrained)"
+        )
+    try:
+        description = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{config_path}: not valid JSON ({error})") from None
+    if not isinstance(description, dict) or description.get("format") != FORMAT:
+        raise CheckpointError(f"{config_path}: not a biosam2 artifact description (format != {FORMAT!r})")
+    if description.get("format_version", 0) > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{config_path}: written by a newer biosam2 (format {description['format_version']}); upgrade biosam2"
+        )
+    return description
+
+
+def load_model(
+    directory: str | Path,
+    base_weights: str | Path | None = None,
+    *,
+    check_fingerprint: bool = True,
+):
+    """Restore a model saved with ``save_pretrained``.
+
+    The frozen SAM2 weights are found again from the reference recorded in the artifact, or taken from
+    ``base_weights`` when given (e.g. the same ``.pt`` file on another machine). Their fingerprint must
+    match the one recorded at save time.
+    """
+    from biosam2.model.factory import assemble
+    from biosam2.model.sam2_weights import load_sam2
+
+    directory = Path(directory)
+    description = read_artifact_description(directory)
+    config = ModelConfig.from_dict(description["model"])
+    fused = config.reparameterized
+    config.reparameterized = False
+    recorded = description["base_weights"]
+    if base_weights is None and recorded["kind"] != "random":
+        base_weights = recorded["reference"]
+    with warnings.catch_warnings():
+        if recorded["kind"] == "random" and base_weights is None:  # already warned when it was trained
+            warnings.simplefilter("ignore", RandomWeightsWarning)
+        sam2, source = load_sam2(config.size, base_weights, seed=recorded.get("seed", 0))
+    model = assemble(config, sam2, source)
+    if fused:
+        model.reparameterize()
+    if check_fingerprint and model.base_fingerprint() != description["base_fingerprint"]:
+        raise CheckpointError(
+            f"{directory}: the base SAM2 weights ({source.reference or 'random, seed ' + str(source.seed)}) are not "
+            f"the ones this artifact was trained on ({recorded['reference'] or 'random, seed ' + str(recorded['seed'])}); "
+            "pass the original weights as base_weights"
+        )
+
+    weights_path = directory / WEIGHTS_FILE
+    try:
+        tensors = safetensors.torch.load_file(weights_path)
+    except FileNotFoundError:
+        raise CheckpointError(f"{weights_path}: missing; the artifact is incomplete") from None
+    except (SafetensorError, OSError) as error:
+        raise CheckpointError(f"{weights_path}: not a readable safetensors file ({error})") from None
+    _load_trained_tensors(model, tensors, weights_path)
+    return model
+
+
+def _load_trained_tensors(model, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    expected = model.trained_state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    mismatched = sorted(
+        f"{k} {tuple(tensors[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in set(expected) & set(tensors)
+        if tensors[k].shape != expected[k].shape
+    )
+    if missing or unexpected or mismatched:
+        details = "; ".join(
+            f"{label}: {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}"
+            for label, keys in [("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)]
+            if keys
+        )
+        raise CheckpointError(f"{path}: does not match the model described by {CONFIG_FILE}: {details}")
+    with torch.no_grad():
+        state = model.state_dict(keep_vars=True)
+        for name, value in tensors.items():
+            state[name].copy_(value)
