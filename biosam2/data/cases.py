@@ -1,0 +1,106 @@
+"""Loading the cases of a dataset: normalised image, label map and geometry, checked together."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from biosam2.data.dataset_format import CaseFiles, DatasetSpec
+from biosam2.data.image_io import LoadedImage, read_image, read_label, same_geometry
+from biosam2.data.normalization import Normalization, ct_window_from_foreground, scheme_for
+from biosam2.errors import DataError
+
+
+@dataclass
+class Case:
+    case_id: str
+    image: np.ndarray  # float32, (C, H, W) or (C, X, Y, Z); C is 1 or 3
+    label: np.ndarray | None  # int64, (H, W) or (X, Y, Z)
+    reference: LoadedImage  # geometry for writing results (its array is a zero-memory placeholder)
+
+    @property
+    def is_volume(self) -> bool:
+        return self.reference.is_volume
+
+    @property
+    def spacing(self) -> tuple[float, ...]:
+        return self.reference.spacing
+
+
+def geometry_only(loaded: LoadedImage) -> LoadedImage:
+    """The same geometry without the pixel data (keeps memory down when cases are cached)."""
+    placeholder = np.broadcast_to(np.zeros((), dtype=loaded.array.dtype), loaded.array.shape)
+    return LoadedImage(placeholder, loaded.path, loaded.spacing, loaded.affine, loaded.reference)
+
+
+def channels_first(loaded: LoadedImage) -> np.ndarray:
+    array = loaded.array
+    if loaded.is_volume:
+        return array[None]
+    return array[None] if array.ndim == 2 else np.moveaxis(array, -1, 0)
+
+
+def read_case_image(spec: DatasetSpec, files: CaseFiles) -> tuple[np.ndarray, LoadedImage]:
+    """Raw (not normalised) channels-first image of a case, and its first file's geometry."""
+    loaded = [read_image(path) for path in files.images]
+    reference = loaded[0]
+    for other in loaded[1:]:
+        difference = same_geometry(reference, other)
+        if difference:
+            raise DataError(f"{other.path}: channel file does not match {reference.path}: {difference}")
+        if other.array.dtype != reference.array.dtype:
+            raise DataError(f"{other.path}: pixel type {other.array.dtype} differs from {reference.path} ({reference.array.dtype})")
+    image = np.concatenate([channels_first(item) for item in loaded], axis=0)
+    expected = len(spec.channel_names)
+    if image.shape[0] != expected:
+        kind = {1: "grey", 3: "colour (RGB)"}
+        raise DataError(
+            f"{reference.path}: has {image.shape[0]} channel(s) ({kind.get(image.shape[0], 'other')}) but dataset.json "
+            f"declares {expected} ({', '.join(spec.channel_names.values())}); all images of a dataset must agree "
+            "(convert the odd ones, or fix channel_names)"
+        )
+    return image, reference
+
+
+def read_case_label(spec: DatasetSpec, files: CaseFiles, reference: LoadedImage) -> np.ndarray:
+    if files.label is None:
+        raise DataError(f"case {files.case_id}: label map missing (expected {spec.file_ending} in the labels folder)")
+    label = read_label(files.label)
+    difference = same_geometry(reference, label)
+    if difference:
+        raise DataError(f"{files.label}: label map does not match its image {reference.path}: {difference}")
+    values = np.unique(label.array)
+    undeclared = sorted(set(values.tolist()) - set(spec.labels.values()))
+    if undeclared:
+        raise DataError(
+            f"{files.label}: label value(s) {undeclared} are not declared in dataset.json "
+            f"(declared: {sorted(spec.labels.values())}); add them to \"labels\" or fix the label map"
+        )
+    return label.array.astype(np.int64)
+
+
+def load_case(spec: DatasetSpec, files: CaseFiles, normalization: Normalization, with_label: bool = True) -> Case:
+    raw, reference = read_case_image(spec, files)
+    label = read_case_label(spec, files, reference) if with_label else None
+    image = np.ascontiguousarray(normalization.apply(raw), dtype=np.float32)
+    return Case(files.case_id, image, label, geometry_only(reference))
+
+
+def resolve_normalization(spec: DatasetSpec, train_files: list[CaseFiles], max_cases: int = 20) -> Normalization:
+    """The normalisation stated in dataset.json, or derived from the training cases (see normalization.py)."""
+    if spec.normalization is not None:
+        return Normalization.from_dict(spec.normalization, f"{spec.root / 'dataset.json'}: normalization")
+    if not train_files:
+        raise DataError(f"{spec.root}: no training cases to derive the intensity normalisation from")
+    first, _ = read_case_image(spec, train_files[0])
+    scheme = scheme_for(spec.channel_names, first.dtype)
+    if scheme != "ct":
+        return Normalization(scheme)
+    images, labels = [], []
+    step = max(1, len(train_files) // max_cases)
+    for files in train_files[::step][:max_cases]:
+        raw, reference = read_case_image(spec, files)
+        images.append(raw[0])
+        labels.append(read_case_label(spec, files, reference))
+    return Normalization("ct", ct_window_from_foreground(images, labels))

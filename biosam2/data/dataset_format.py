@@ -1,0 +1,212 @@
+"""The one on-disk dataset format: nnU-Net v2's raw layout.
+
+::
+
+    DATASET/
+      dataset.json          channel_names, labels (name -> id, 0 = background, consecutive),
+                            file_ending, numTraining; optional "normalization" (see normalization.py)
+      splits_final.json     [{"train": [case, ...], "val": [case, ...]}, ...]: one entry per fold
+      imagesTr/CASE_0000.png    (one file per channel: _0000, _0001, ...; an RGB image is one file)
+      labelsTr/CASE.png
+      imagesTs/CASE_0000.png    the test split
+      labelsTs/CASE.png
+
+Validation cases come from ``splits_final.json`` (a subset of imagesTr), never from imagesTs.
+Case ids and file endings are checked so that nothing read from these files can point outside the
+dataset folder.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from biosam2.data.image_io import IMAGE_2D_ENDINGS, VOLUME_ENDINGS
+from biosam2.errors import DataError
+
+DATASET_JSON = "dataset.json"
+SPLITS_JSON = "splits_final.json"
+REQUIRED_KEYS = ("channel_names", "labels", "file_ending")
+_SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+SPLIT_FOLDERS = {"train": ("imagesTr", "labelsTr"), "test": ("imagesTs", "labelsTs")}
+
+
+def check_safe_name(name: Any, source: Path, what: str = "case id") -> str:
+    """Refuse names that are paths ('../../etc/passwd', 'a/b', absolute paths)."""
+    if not isinstance(name, str) or not _SAFE_NAME.fullmatch(name) or ".." in name:
+        raise DataError(
+            f"{source}: {what} {name!r} is not a plain file name (letters, digits, '.', '_', '-'); "
+            "paths are refused so that nothing can point outside the dataset folder"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class CaseFiles:
+    case_id: str
+    images: tuple[Path, ...]  # one per channel file
+    label: Path | None
+
+
+@dataclass
+class DatasetSpec:
+    root: Path
+    channel_names: dict[str, str]
+    labels: dict[str, int]
+    file_ending: str
+    num_training: int | None = None
+    name: str = ""
+    normalization: dict[str, Any] | None = None
+    raw: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.labels)
+
+    @property
+    def class_names(self) -> list[str]:
+        return [name for name, _ in sorted(self.labels.items(), key=lambda item: item[1])]
+
+    @property
+    def is_volumetric(self) -> bool:
+        return self.file_ending in VOLUME_ENDINGS
+
+    @property
+    def num_channel_files(self) -> int:
+        """Files per case: one per channel, except a colour 2-D image that holds all three."""
+        names = [n.upper() for n in self.channel_names.values()]
+        if not self.is_volumetric and len(names) == 3 and names in (["R", "G", "B"], ["RED", "GREEN", "BLUE"]):
+            return 1
+        return len(self.channel_names)
+
+    def list_cases(self, split: str) -> list[CaseFiles]:
+        """Cases of ``train`` (imagesTr) or ``test`` (imagesTs), sorted by id."""
+        image_folder, label_folder = (self.root / f for f in SPLIT_FOLDERS[split])
+        if not image_folder.is_dir():
+            return []
+        pattern = re.compile(rf"(.+)_(\d{{4}}){re.escape(self.file_ending)}$")
+        channels: dict[str, dict[int, Path]] = {}
+        for path in image_folder.iterdir():
+            match = pattern.match(path.name)
+            if match:
+                channels.setdefault(match.group(1), {})[int(match.group(2))] = path
+        cases = []
+        for case_id in sorted(channels):
+            files = channels[case_id]
+            wanted = list(range(self.num_channel_files))
+            if sorted(files) != wanted:
+                raise DataError(
+                    f"{image_folder}: case {case_id} has channel files {sorted(files)}, expected "
+                    f"{wanted} (dataset.json lists {len(self.channel_names)} channel(s))"
+                )
+            label = label_folder / f"{case_id}{self.file_ending}"
+            cases.append(CaseFiles(case_id, tuple(files[i] for i in wanted), label if label.exists() else None))
+        return cases
+
+    def load_splits(self) -> list[dict[str, list[str]]]:
+        """The folds of ``splits_final.json`` (ids checked), or [] when the file does not exist."""
+        path = self.root / SPLITS_JSON
+        if not path.exists():
+            return []
+        try:
+            folds = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise DataError(f"{path}: not valid JSON ({error})") from None
+        if isinstance(folds, dict):
+            folds = [folds]
+        if not isinstance(folds, list) or not all(isinstance(f, dict) and {"train", "val"} <= set(f) for f in folds):
+            raise DataError(f"{path}: expected a list of folds, each {{'train': [...], 'val': [...]}}")
+        for fold in folds:
+            for key in ("train", "val"):
+                fold[key] = [check_safe_name(case, path) for case in fold[key]]
+        return folds
+
+
+def load_dataset_spec(root: str | Path) -> DatasetSpec:
+    """Read and validate ``dataset.json``; every problem is named with the file."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"{root}: dataset folder not found")
+    path = root / DATASET_JSON
+    if not path.is_file():
+        raise DataError(
+            f"{path}: missing. A dataset needs dataset.json with {', '.join(REQUIRED_KEYS)} "
+            "(nnU-Net v2 format); `biosam2 convert` writes it for public datasets"
+        )
+    try:
+        raw = json.loads(path.read_text())
+    except PermissionError:
+        raise DataError(f"{path}: permission denied") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise DataError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(raw, dict):
+        raise DataError(f"{path}: expected a JSON object")
+    missing = [key for key in REQUIRED_KEYS if key not in raw]
+    if missing:
+        raise DataError(f"{path}: missing key(s) {', '.join(missing)}; required: {', '.join(REQUIRED_KEYS)}")
+
+    channel_names = raw["channel_names"]
+    if not isinstance(channel_names, dict) or not channel_names:
+        raise DataError(f"{path}: channel_names must be a non-empty object like {{\"0\": \"CT\"}}")
+    if sorted(channel_names, key=int) != [str(i) for i in range(len(channel_names))]:
+        raise DataError(f"{path}: channel_names keys must be 0, 1, ...; found {list(channel_names)}")
+    labels = raw["labels"]
+    if not isinstance(labels, dict) or not all(isinstance(v, int) and not isinstance(v, bool) for v in labels.values()):
+        raise DataError(f"{path}: labels must map names to integer ids, e.g. {{\"background\": 0, \"tumour\": 1}}")
+    ids = sorted(labels.values())
+    if ids != list(range(len(ids))) or len(ids) < 2:
+        raise DataError(
+            f"{path}: label ids must be consecutive from 0 (background) with at least one class; found {ids}"
+        )
+    ending = raw["file_ending"]
+    if not isinstance(ending, str) or ending.lower() not in IMAGE_2D_ENDINGS + VOLUME_ENDINGS:
+        raise DataError(
+            f"{path}: file_ending {ending!r} is not supported; use one of {', '.join(IMAGE_2D_ENDINGS + VOLUME_ENDINGS)}"
+        )
+    spec = DatasetSpec(
+        root=root,
+        channel_names={str(k): str(v) for k, v in channel_names.items()},
+        labels=dict(labels),
+        file_ending=ending,
+        num_training=raw.get("numTraining"),
+        name=str(raw.get("name", root.name)),
+        normalization=raw.get("normalization"),
+        raw=raw,
+    )
+    if spec.num_channel_files not in (1, 3) and len(channel_names) not in (1, 3):
+        raise DataError(f"{path}: biosam2 takes 1 (grey) or 3 (colour) input channels; dataset.json lists {len(channel_names)}")
+    return spec
+
+
+def write_dataset_json(
+    root: Path,
+    *,
+    name: str,
+    channel_names: dict[str, str],
+    labels: dict[str, int],
+    file_ending: str,
+    num_training: int,
+    description: str = "",
+    **extra: Any,
+) -> None:
+    from biosam2.atomic_io import atomic_write_json
+
+    payload = {
+        "name": name,
+        "description": description,
+        "channel_names": channel_names,
+        "labels": labels,
+        "numTraining": num_training,
+        "file_ending": file_ending,
+        **extra,
+    }
+    atomic_write_json(root / DATASET_JSON, payload)
+
+
+def write_splits(root: Path, folds: list[dict[str, list[str]]]) -> None:
+    from biosam2.atomic_io import atomic_write_json
+
+    atomic_write_json(root / SPLITS_JSON, [{"train": sorted(f["train"]), "val": sorted(f["val"])} for f in folds])

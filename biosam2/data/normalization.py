@@ -1,0 +1,96 @@
+"""Intensity normalisation per modality, to the [0, 1]-like range the model expects.
+
+Schemes (stated in ``dataset.json`` as ``"normalization": {"scheme": ..., ...}``, or derived):
+
+- ``uint8``: 8-bit images (RGB or grey photographs, endoscopy, EM): ``x / 255``.
+- ``ct``: Hounsfield units clipped to a window ``[low, high]`` and scaled to [0, 1]. When the window
+  is not stated it is derived as nnU-Net does: the 0.5 and 99.5 percentiles of the intensities inside
+  the labelled foreground of the training cases.
+- ``zscore``: per image / per volume ``(x - mean) / std`` (MRI), mapped so that +-3 SD spans [0, 1].
+- ``percentile``: per image, the 0.5-99.5 percentile range scaled to [0, 1] (16-bit or float images
+  without a known modality, e.g. microscopy).
+
+Derivation when not stated: a channel named ``CT`` gives ``ct``; MRI-like names (MR, MRI, T1, T2,
+FLAIR, ADC, DWI, cine) give ``zscore``; otherwise 8-bit data gives ``uint8`` and anything else
+``percentile``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from biosam2.errors import DataError
+
+SCHEMES = ("uint8", "ct", "zscore", "percentile")
+_MRI_NAMES = re.compile(r"\b(mr|mri|t1\w*|t2\w*|flair|adc|dwi|cine)\b", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Normalization:
+    scheme: str
+    window: tuple[float, float] | None = None  # ct only
+
+    def __post_init__(self) -> None:
+        if self.scheme not in SCHEMES:
+            raise DataError(f"normalization scheme {self.scheme!r} is unknown; use one of {', '.join(SCHEMES)}")
+        if self.scheme == "ct":
+            if self.window is None or len(self.window) != 2 or not self.window[0] < self.window[1]:
+                raise DataError(f"ct normalization needs a window [low, high] with low < high, got {self.window}")
+
+    def apply(self, array: np.ndarray) -> np.ndarray:
+        """Normalise one image or volume (all channels alike) to float32."""
+        array = np.asarray(array, dtype=np.float32)
+        if self.scheme == "uint8":
+            return array / 255.0
+        if self.scheme == "ct":
+            low, high = self.window
+            return (np.clip(array, low, high) - low) / (high - low)
+        if self.scheme == "zscore":
+            std = float(array.std())
+            return ((array - float(array.mean())) / max(std, 1e-6)) / 6.0 + 0.5
+        low, high = np.percentile(array, [0.5, 99.5])
+        if high <= low:  # constant image
+            return np.zeros_like(array)
+        return (np.clip(array, low, high) - low) / (high - low)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"scheme": self.scheme, **({"window": list(self.window)} if self.window else {})}
+
+    @classmethod
+    def from_dict(cls, payload: dict[str, Any], source: str = "normalization") -> Normalization:
+        if not isinstance(payload, dict) or "scheme" not in payload:
+            raise DataError(f"{source}: expected {{\"scheme\": one of {', '.join(SCHEMES)}, ...}}, got {payload!r}")
+        window = payload.get("window")
+        return cls(payload["scheme"], tuple(float(v) for v in window) if window is not None else None)
+
+
+def scheme_for(channel_names: dict[str, str], dtype: np.dtype) -> str:
+    names = " ".join(channel_names.values())
+    if re.search(r"\bct\b", names, re.IGNORECASE):
+        return "ct"
+    if _MRI_NAMES.search(names):
+        return "zscore"
+    return "uint8" if np.dtype(dtype) == np.uint8 else "percentile"
+
+
+def ct_window_from_foreground(images: list[np.ndarray], labels: list[np.ndarray], max_samples: int = 1_000_000) -> tuple[float, float]:
+    """nnU-Net's CT statistics: 0.5/99.5 percentiles of foreground intensities (sub-sampled)."""
+    rng = np.random.default_rng(0)
+    samples = []
+    per_case = max(1, max_samples // max(1, len(images)))
+    for image, label in zip(images, labels, strict=True):
+        values = np.asarray(image)[np.asarray(label) > 0]
+        if values.size > per_case:
+            values = rng.choice(values, per_case, replace=False)
+        samples.append(values.astype(np.float64))
+    pooled = np.concatenate(samples) if samples else np.empty(0)
+    if pooled.size == 0:
+        raise DataError("cannot derive a CT window: the training labels have no foreground; state one in dataset.json")
+    low, high = np.percentile(pooled, [0.5, 99.5])
+    if high <= low:
+        high = low + 1.0
+    return float(low), float(high)
