@@ -16,6 +16,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
 
 @contextlib.contextmanager
 def atomic_output(path: str | Path, suffix: str = "") -> Iterator[Path]:
@@ -33,6 +36,7 @@ def atomic_output(path: str | Path, suffix: str = "") -> Iterator[Path]:
         yield temporary_path
         with open(temporary_path, "rb+") as written:
             os.fsync(written.fileno())
+        os.chmod(temporary_path, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give the usual permissions
         os.replace(temporary_path, path)
     except BaseException:
         temporary_path.unlink(missing_ok=True)
@@ -68,6 +72,7 @@ def replace_directory(build: Callable[[Path], None], target: str | Path) -> None
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         build(staging)
+        os.chmod(staging, 0o777 & ~_UMASK)  # mkdtemp makes 0700 folders
         for file in staging.rglob("*"):
             if file.is_file():
                 with open(file, "rb") as written:

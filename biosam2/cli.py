@@ -1,0 +1,275 @@
+"""The ``biosam2`` command: one sub-command per step of the workflow, each answering ``-h``.
+
+    biosam2 demo                          synthetic data -> check -> train -> predict -> evaluate
+    biosam2 convert NAME SRC DST          a public dataset's distribution -> biosam2's format
+    biosam2 check-data DATA               validate a dataset, reporting every problem at once
+    biosam2 train DATA --out RUN          train, select on validation, evaluate on test
+    biosam2 predict RUN INPUT OUT         label maps for a file, folder or volume
+    biosam2 evaluate PRED GT              mIoU / Dice / HD95 of predictions against ground truth
+
+Errors in the user's input are printed as one message (no traceback unless ``--debug``) and the
+command exits with status 2; an interrupted command exits with 130.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+from biosam2.errors import BioSAM2Error
+
+log = logging.getLogger("biosam2")
+
+
+# ---- sub-commands -------------------------------------------------------------------------------
+def cmd_check_data(args: argparse.Namespace) -> int:
+    from biosam2.data.check import check_dataset
+
+    report = check_dataset(args.data)
+    print(report)
+    return 0 if report.ok else 1
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    from biosam2.data.convert import convert_dataset
+
+    options = {"source_labels": args.source_labels} if args.source_labels else {}
+    summary = convert_dataset(args.name, Path(args.src), Path(args.dst), seed=args.seed, limit=args.limit, overwrite=args.overwrite, **options)
+    print(summary)
+    return 0
+
+
+def _train_config(args: argparse.Namespace):
+    from biosam2.training.config import TrainConfig, config_field_names
+
+    overrides = {name: getattr(args, name) for name in config_field_names() if getattr(args, name, None) is not None}
+    if args.config:
+        return TrainConfig.from_yaml(args.config, overrides)
+    return TrainConfig.from_dict(overrides, "command line")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from biosam2.errors import ConfigError
+    from biosam2.training.config import TrainConfig
+    from biosam2.training.run import CONFIG_FILE, train
+
+    config = _train_config(args)
+    run = Path(args.out)
+    if args.resume and (run / CONFIG_FILE).exists():
+        saved = TrainConfig.from_yaml(run / CONFIG_FILE)
+        given = {k: v for k, v in config.to_dict().items() if v != TrainConfig().to_dict()[k]}
+        differ = {k: (v, getattr(saved, k)) for k, v in given.items() if getattr(saved, k) != v}
+        if differ:
+            raise ConfigError(
+                f"{run}: --resume continues with the run's saved config; these options differ from it: "
+                + ", ".join(f"{k}={new!r} (run has {old!r})" for k, (new, old) in differ.items())
+            )
+        config = saved
+    summary = train(args.data, run, config, resume=args.resume, progress_bar=not args.no_progress)
+    _print_summary(run, summary)
+    return 0
+
+
+def _print_summary(run: Path, summary: dict[str, Any]) -> None:
+    print(f"\nRun directory: {run}")
+    if summary.get("best_val_mIoU") is not None:
+        print(f"  best validation mIoU {summary['best_val_mIoU']:.4f} at epoch {summary['best_epoch']}")
+    test = summary.get("test")
+    if test:
+        print(f"  test mIoU {test['miou']:.4f} (hard, background included, over all test pixels)")
+    print(f"  model artifact: {run / 'model'}   evaluation: {run / 'evaluation.md'}")
+
+
+def _load_run_model(path: Path, base_weights: str | None):
+    """A run directory (RUN/model) or an artifact directory -> (model, metadata)."""
+    from biosam2.model.artifact import load_model, read_artifact_description
+
+    artifact = path / "model" if (path / "model" / "biosam2.json").exists() else path
+    description = read_artifact_description(artifact)
+    return load_model(artifact, base_weights=base_weights), description.get("metadata", {})
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from biosam2.data.normalization import Normalization
+    from biosam2.inference.predict_files import predict_files
+
+    model, metadata = _load_run_model(Path(args.run), args.weights)
+    if "normalization" not in metadata:
+        raise BioSAM2Error(f"{args.run}: the artifact does not record its intensity normalisation; was it saved by `biosam2 train`?")
+    labels = metadata.get("labels", {})
+    written = predict_files(
+        model,
+        args.input,
+        args.out,
+        normalization=Normalization.from_dict(metadata["normalization"]),
+        class_names=[n for n, _ in sorted(labels.items(), key=lambda kv: kv[1])] or None,
+        probabilities=args.probabilities,
+        overlays=args.overlays,
+        batch_size=args.batch_size,
+        device=args.device,
+        overwrite=args.overwrite,
+    )
+    print(f"{len(written)} label map(s) written to {args.out}")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from biosam2.evaluation import evaluate_folders
+
+    predictions, ground_truth = Path(args.predictions), Path(args.ground_truth)
+    result = evaluate_folders(predictions, ground_truth, dataset=Path(args.dataset) if args.dataset else None)
+    out = Path(args.out) if args.out else predictions.parent / f"{predictions.name}-evaluation"
+    result.write_json(out / "evaluation.json")
+    result.write_markdown(out / "evaluation.md")
+    print(result)
+    print(f"\nWritten: {out / 'evaluation.json'}, {out / 'evaluation.md'}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from biosam2.demo import run_demo
+
+    run_demo(Path(args.out), epochs=args.epochs, adapter=args.adapter, progress_bar=not args.no_progress)
+    return 0
+
+
+# ---- parser -------------------------------------------------------------------------------------
+def _add_train_options(parser: argparse.ArgumentParser) -> None:
+    from biosam2.model.config import ADAPTERS
+    from biosam2.training.config import LOSSES, PRECISIONS
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--size", choices=["tiny", "small", "base-plus", "large"], help="SAM2 size (default tiny)")
+    model.add_argument("--weights", help="SAM2 weights: hf, meta, a hub id, a transformers folder or sam2.1_hiera_*.pt (default: random, with a warning)")
+    model.add_argument("--adapter", choices=ADAPTERS, help="where training happens (default hp)")
+    model.add_argument("--pos-encoding", dest="pos_encoding", choices=["peg", "sam2"], help="positional encoding (default peg)")
+    model.add_argument("--adapter-ratio", dest="adapter_ratio", type=float, help="bottleneck width / block width (default 0.25)")
+    model.add_argument("--adapter-scale", dest="adapter_scale", type=float, help="adapter branch weight (default 0.5)")
+    model.add_argument("--adapter-blocks", dest="adapter_blocks", type=lambda s: [int(v) for v in s.split(",")], help="comma-separated Hiera block indices (default all)")
+    model.add_argument("--lora-rank", dest="lora_rank", type=int)
+    model.add_argument("--lora-alpha", dest="lora_alpha", type=float)
+    model.add_argument("--input-size", dest="input_size", type=int, help="resize inputs to a fixed square (SAM2's own way); default native resolution")
+    optim = parser.add_argument_group("optimisation (defaults: the paper's recipe)")
+    optim.add_argument("--epochs", type=int, help="default 200")
+    optim.add_argument("--batch-size", dest="batch_size", type=int, help="default 8")
+    optim.add_argument("--lr", type=float, help="Adam learning rate, cosine schedule to 0 (default 1e-4)")
+    optim.add_argument("--weight-decay", dest="weight_decay", type=float)
+    optim.add_argument("--loss", choices=LOSSES, help="ce (default) or dice_ce")
+    data = parser.add_argument_group("data")
+    data.add_argument("--fold", type=int, help="fold of splits_final.json (default 0)")
+    data.add_argument("--patch-size", dest="patch_size", type=int, help="training crop/resize size (default 256)")
+    data.add_argument("--input-mode", dest="input_mode", choices=["crop", "resize"], help="random crops (default) or resized images")
+    data.add_argument("--no-augment", dest="augment", action="store_const", const=False, help="disable augmentation")
+    data.add_argument("--limit-train-batches", dest="limit_train_batches", type=int, help="cap on steps per epoch")
+    run = parser.add_argument_group("run")
+    run.add_argument("--seed", type=int, help="default 0")
+    run.add_argument("--precision", choices=PRECISIONS, help="auto: mixed precision on GPU, fp32 on CPU")
+    run.add_argument("--accelerator", help="auto (default), cpu, gpu")
+    run.add_argument("--devices", help="auto (default), a count or a list")
+    run.add_argument("--strategy", help="auto (default), ddp, ...")
+    run.add_argument("--num-nodes", dest="num_nodes", type=int)
+    run.add_argument("--num-workers", dest="num_workers", type=int, help="data-loading processes (default 2)")
+    run.add_argument("--val-every", dest="val_every", type=int, help="epochs between validations (default 1)")
+    run.add_argument("--gradient-checkpointing", dest="gradient_checkpointing", action="store_const", const=True)
+    run.add_argument("--no-test", dest="evaluate_test", action="store_const", const=False, help="skip the final test evaluation")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="biosam2", description="Prompt-free multi-class biomedical segmentation on a frozen SAM2 with dual adapters.")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    parser.add_argument("--version", action="version", version=f"biosam2 {_version()}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    demo = commands.add_parser("demo", help="the whole workflow on built-in synthetic data (CPU, a few minutes)")
+    demo.add_argument("--out", default="biosam2-demo", help="output folder (a fresh one is made if it exists)")
+    demo.add_argument("--epochs", type=int, default=12)
+    demo.add_argument("--adapter", default="lw", choices=["hp", "lw"])
+    demo.add_argument("--no-progress", action="store_true")
+    demo.set_defaults(handler=cmd_demo)
+
+    convert = commands.add_parser("convert", help="write a public dataset in biosam2's (nnU-Net) format")
+    convert.add_argument("name", choices=["isbi2012", "kvasir-seg", "acdc", "synapse"])
+    convert.add_argument("src", help="the dataset as distributed")
+    convert.add_argument("dst", help="new dataset folder")
+    convert.add_argument("--seed", type=int, default=0, help="seed of the documented random splits")
+    convert.add_argument("--limit", type=int, help="keep only the first N cases of each split (quick experiments)")
+    convert.add_argument("--source-labels", choices=["btcv", "totalsegmentator"], help="synapse raw NIfTI: label ids of the source")
+    convert.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty DST")
+    convert.set_defaults(handler=cmd_convert)
+
+    check = commands.add_parser("check-data", help="validate a dataset and report every problem")
+    check.add_argument("data")
+    check.set_defaults(handler=cmd_check_data)
+
+    train = commands.add_parser("train", help="train on a dataset; writes a run directory")
+    train.add_argument("data", help="dataset folder (dataset.json, imagesTr/, ...)")
+    train.add_argument("--out", required=True, help="run directory")
+    train.add_argument("--config", help="YAML file of training options (command-line options override it)")
+    train.add_argument("--resume", action="store_true", help="continue a stopped run from its last checkpoint")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_train_options(train)
+    train.set_defaults(handler=cmd_train)
+
+    predict = commands.add_parser("predict", help="predict label maps for a file, a folder or a volume")
+    predict.add_argument("run", help="run directory (or model artifact directory)")
+    predict.add_argument("input", help="image, volume or folder")
+    predict.add_argument("out", help="output folder (never the input folder)")
+    predict.add_argument("--probabilities", action="store_true", help="also write class probabilities")
+    predict.add_argument("--overlays", action="store_true", help="also write PNG overlays")
+    predict.add_argument("--batch-size", type=int, default=8)
+    predict.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
+    predict.add_argument("--weights", help="base SAM2 weights, if not found at the path recorded in the artifact")
+    predict.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    predict.set_defaults(handler=cmd_predict)
+
+    evaluate = commands.add_parser("evaluate", help="mIoU, Dice and HD95 of predictions against ground truth")
+    evaluate.add_argument("predictions", help="folder of predicted label maps")
+    evaluate.add_argument("ground_truth", help="folder of ground-truth label maps (e.g. DATA/labelsTs)")
+    evaluate.add_argument("--dataset", help="dataset folder whose dataset.json names the classes")
+    evaluate.add_argument("--out", help="output folder (default: PRED-evaluation beside PRED)")
+    evaluate.set_defaults(handler=cmd_evaluate)
+    return parser
+
+
+def _version() -> str:
+    from biosam2 import __version__
+
+    return __version__
+
+
+def _quiet_third_party_logging() -> None:
+    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning", "transformers"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*litlogger.*")
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    _quiet_third_party_logging()
+    try:
+        return args.handler(args)
+    except BioSAM2Error as error:
+        if args.debug:
+            raise
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # disk full, permissions on an output folder, ...
+        if args.debug:
+            raise
+        print(f"error: {error.filename or ''}{': ' if error.filename else ''}{error.strerror or error}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

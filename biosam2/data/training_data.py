@@ -1,0 +1,122 @@
+"""What the trainer iterates over: augmented 2-D patches for training, whole cases for evaluation.
+
+- 3-D volumes are trained slice by slice (along the last axis) and evaluated per volume.
+- Training samples are fixed-size random crops (``input_mode="crop"``) or whole images resized to a
+  square (``"resize"``); validation and test run at native resolution (the PEG makes this possible).
+- Randomness is a pure function of (seed, epoch, sample): the sampler yields ``(epoch, index)`` and
+  each sample seeds its own augmentation, so a resumed run replays exactly what an uninterrupted run
+  would have done, whatever the number of data-loading workers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from biosam2.data.cases import Case
+
+IGNORE_INDEX = 255  # label of pixels that padding or rotation brought in from outside the image
+
+
+def build_augmentation(patch_size: int, input_mode: str, augment: bool) -> A.Compose:
+    """Flips, rotations, scaling, intensity changes, then the crop (or resize) to ``patch_size``."""
+    steps: list[A.BasicTransform] = []
+    if augment:
+        steps += [
+            A.HorizontalFlip(p=0.5),
+            A.Affine(
+                rotate=(-90, 90),  # G-SAM's +-90 degree rotations
+                scale=(0.8, 1.25),
+                border_mode=cv2.BORDER_CONSTANT,
+                fill=0,
+                fill_mask=IGNORE_INDEX,
+                p=0.7,
+            ),
+            A.RandomBrightnessContrast(brightness_limit=0.15, contrast_limit=0.15, p=0.5),
+            A.RandomGamma(gamma_limit=(80, 125), p=0.3),
+            A.GaussNoise(std_range=(0.0, 0.03), p=0.2),
+        ]
+    if input_mode == "crop":
+        steps += [
+            A.PadIfNeeded(patch_size, patch_size, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=IGNORE_INDEX),
+            A.RandomCrop(patch_size, patch_size),
+        ]
+    elif input_mode == "resize":
+        steps += [A.Resize(patch_size, patch_size, interpolation=cv2.INTER_LINEAR, mask_interpolation=cv2.INTER_NEAREST)]
+    else:
+        raise ValueError(f"input_mode must be 'crop' or 'resize', got {input_mode!r}")
+    return A.Compose(steps)
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
+
+
+class EpochSeededSampler(Sampler):
+    """Shuffles with a permutation that depends only on (seed, epoch); yields ``(epoch, index)``."""
+
+    def __init__(self, num_samples: int, seed: int, shuffle: bool = True):
+        self.num_samples = num_samples
+        self.seed = seed
+        self.shuffle = shuffle
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:  # Lightning calls this at the start of every epoch
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        order = np.arange(self.num_samples)
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_samples)
+        return iter((self.epoch, int(i)) for i in order)
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+class SliceDataset(Dataset):
+    """Every 2-D image, and every slice of every volume, of the training cases, augmented."""
+
+    def __init__(self, cases: Sequence[Case], patch_size: int, input_mode: str = "crop", augment: bool = True, seed: int = 0):
+        self.cases = list(cases)
+        self.samples = [
+            (c, z) for c, case in enumerate(self.cases) for z in (range(case.image.shape[-1]) if case.is_volume else [None])
+        ]
+        self.transform = build_augmentation(patch_size, input_mode, augment)
+        self.seed = seed
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, key: tuple[int, int] | int) -> tuple[torch.Tensor, torch.Tensor]:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        case_index, z = self.samples[index]
+        case = self.cases[case_index]
+        image = case.image if z is None else case.image[..., z]  # (C, H, W)
+        label = case.label if z is None else case.label[..., z]
+        self.transform.set_random_seed(sample_seed(self.seed, epoch, index))
+        out = self.transform(image=np.ascontiguousarray(np.moveaxis(image, 0, -1)), mask=label.astype(np.uint8))
+        image_out = torch.from_numpy(np.ascontiguousarray(np.moveaxis(out["image"], -1, 0), dtype=np.float32))
+        return image_out, torch.from_numpy(out["mask"].astype(np.int64))
+
+
+class CaseDataset(Dataset):
+    """Whole cases at native resolution (validation and test)."""
+
+    def __init__(self, cases: Sequence[Case]):
+        self.cases = list(cases)
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def __getitem__(self, index: int) -> Case:
+        return self.cases[index]
+
+
+def collate_cases(batch: list[Case]) -> list[Case]:
+    return batch

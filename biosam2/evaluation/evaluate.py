@@ -1,0 +1,133 @@
+"""Evaluate a folder of predicted label maps against a folder of ground-truth label maps.
+
+Files are paired by case id: the file name without its ending (``CASE.png``, ``CASE.nii.gz``).
+Every ground-truth case must have a prediction — a missing one is an error, never silently skipped,
+because skipping it would improve the score. Predictions without ground truth are listed in the
+result as ignored. Each pair must lie on the same grid (size, and for volumes spacing and
+orientation); HD95 is in mm for volumes (the ground truth's voxel spacing) and in pixels for 2-D
+images. Classes come from ``labels``, else from ``dataset``'s dataset.json, else from a
+dataset.json in the ground-truth folder's parent (the nnU-Net layout ``DATASET/labelsTs``), else
+they are inferred as 0..the largest label present in either folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from biosam2.data.dataset_format import DATASET_JSON, load_dataset_spec
+from biosam2.data.image_io import IMAGE_2D_ENDINGS, VOLUME_ENDINGS, LoadedImage, file_ending, read_label, same_geometry
+from biosam2.errors import ConfigError, DataError
+from biosam2.evaluation.metrics import Evaluator
+from biosam2.evaluation.report import EvaluationResult
+
+_LABEL_ENDINGS = IMAGE_2D_ENDINGS + VOLUME_ENDINGS
+_LISTED = 10  # case ids named in an error message before "and N more"
+
+
+def _list_label_files(folder: Path, what: str) -> dict[str, Path]:
+    """Case id -> file for every image/volume file of ``folder`` (hidden files, e.g. partial writes, skipped)."""
+    if not folder.is_dir():
+        raise DataError(f"{folder}: {what} folder not found")
+    files: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(".") or not path.is_file():
+            continue
+        ending = file_ending(path)
+        if ending not in _LABEL_ENDINGS:
+            continue
+        case_id = path.name[: -len(ending)]
+        if case_id in files:
+            raise DataError(f"{folder}: case {case_id} has two files, {files[case_id].name} and {path.name}")
+        files[case_id] = path
+    return files
+
+
+def _names(case_ids: list[str]) -> str:
+    shown = ", ".join(case_ids[:_LISTED])
+    return shown + (f" and {len(case_ids) - _LISTED} more" if len(case_ids) > _LISTED else "")
+
+
+def _class_names_from(labels: dict[str, int]) -> list[str]:
+    """Names in id order; ids must be 0..C-1, as in dataset.json."""
+    ids = sorted(labels.values())
+    if ids != list(range(len(ids))) or len(ids) < 2:
+        raise ConfigError(f"labels {labels}: ids must be consecutive from 0 (background) with at least one class")
+    return [name for name, _ in sorted(labels.items(), key=lambda item: item[1])]
+
+
+def _resolve_class_names(labels: dict[str, int] | None, dataset: Path | None, ground_truth: Path) -> list[str] | None:
+    if labels is not None:
+        return _class_names_from(labels)
+    if dataset is not None:
+        return load_dataset_spec(dataset).class_names
+    if (ground_truth.parent / DATASET_JSON).is_file():
+        return load_dataset_spec(ground_truth.parent).class_names
+    return None
+
+
+def _check_values(loaded: LoadedImage, num_classes: int, source: str) -> None:
+    high = int(loaded.array.max())
+    if high >= num_classes:
+        outside = np.unique(loaded.array[loaded.array >= num_classes])
+        shown = ", ".join(str(int(v)) for v in outside[:_LISTED])
+        raise DataError(
+            f"{loaded.path}: {source} has label value(s) {shown} outside the {num_classes} classes 0..{num_classes - 1}"
+        )
+
+
+def evaluate_folders(
+    predictions: str | Path,
+    ground_truth: str | Path,
+    *,
+    labels: dict[str, int] | None = None,
+    dataset: str | Path | None = None,
+) -> EvaluationResult:
+    """Score every ground-truth case against the prediction of the same case id.
+
+    ``labels`` (name -> id) or ``dataset`` (a folder with dataset.json) name the classes; see the
+    module docstring for the fallbacks. Raises :class:`DataError` naming the file(s) on a missing
+    prediction, a geometry mismatch, or a label value outside the classes.
+    """
+    predictions, ground_truth = Path(predictions), Path(ground_truth)
+    gt_files = _list_label_files(ground_truth, "ground-truth")
+    pred_files = _list_label_files(predictions, "predictions")
+    if not gt_files:
+        raise DataError(f"{ground_truth}: no label files ({', '.join(_LABEL_ENDINGS)}) to evaluate against")
+    missing = sorted(set(gt_files) - set(pred_files))
+    if missing:
+        raise DataError(
+            f"{predictions}: no prediction for {len(missing)} of {len(gt_files)} ground-truth case(s) in "
+            f"{ground_truth}: {_names(missing)}; every case must be predicted (a skipped case would "
+            "improve the score)"
+        )
+    ignored = sorted(set(pred_files) - set(gt_files))
+
+    class_names = _resolve_class_names(labels, Path(dataset) if dataset is not None else None, ground_truth)
+    if class_names is None:
+        # inferred: one extra pass over the files, to know the number of classes before counting
+        paths = [path for case_id in gt_files for path in (gt_files[case_id], pred_files[case_id])]
+        highest = max(int(read_label(path).array.max()) for path in paths)
+        class_names = ["background"] + [f"class_{i}" for i in range(1, max(highest, 1) + 1)]
+
+    evaluator = Evaluator(len(class_names), class_names)
+    for case_id in sorted(gt_files):
+        truth, prediction = read_label(gt_files[case_id]), read_label(pred_files[case_id])
+        difference = same_geometry(prediction, truth)
+        if difference is not None:
+            raise DataError(
+                f"{prediction.path} and {truth.path}: different geometry ({difference}); a prediction "
+                "must be on the grid of its ground truth"
+            )
+        _check_values(truth, len(class_names), "ground truth")
+        _check_values(prediction, len(class_names), "prediction")
+        try:
+            evaluator.add_case(
+                case_id, prediction.array, truth.array, spacing=truth.spacing if truth.is_volume else None
+            )
+        except ValueError as error:
+            raise DataError(f"{prediction.path} and {truth.path}: {error}") from None
+    result = evaluator.result()
+    result.ignored_predictions = [pred_files[case_id].name for case_id in ignored]
+    return result

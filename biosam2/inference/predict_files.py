@@ -1,0 +1,141 @@
+"""``predict``: label maps for a file, a folder or a volume, written next to nothing the user gave us.
+
+- Input files named like a dataset's (``CASE_0000.png``, ``CASE_0001.png``, ...) are grouped into
+  cases and written as ``CASE.png``; other files keep their name (``scan.nii.gz`` -> ``scan.nii.gz``).
+- 2-D results are PNG label maps of the input's size; 3-D results are volumes in the input's format
+  with exactly its affine, spacing and header.
+- Optional: probabilities (``CASE_probabilities.npy`` for 2-D, a 4-D ``.nii.gz`` for volumes) and
+  overlays (PNG).
+- The output folder may not be, or lie inside, an input folder, and no output may replace an input.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from biosam2.data.cases import channels_first
+from biosam2.data.image_io import IMAGE_2D_ENDINGS, NIFTI_ENDINGS, VOLUME_ENDINGS, LoadedImage, file_ending, read_image, write_like
+from biosam2.data.normalization import Normalization
+from biosam2.errors import ConfigError, DataError
+from biosam2.inference.predictor import Predictor
+
+log = logging.getLogger("biosam2")
+_CHANNEL_FILE = re.compile(r"(.+)_(\d{4})$")
+
+
+@dataclass
+class InputCase:
+    name: str
+    files: list[Path]  # one per channel file, in channel order
+
+
+def find_inputs(source: Path) -> list[InputCase]:
+    """The cases to predict: one file, or every supported image/volume in a folder (not recursive)."""
+    if not source.exists():
+        raise DataError(f"{source}: input not found")
+    files = [source] if source.is_file() else sorted(
+        p for p in source.iterdir() if p.is_file() and not p.name.startswith(".") and file_ending(p) in IMAGE_2D_ENDINGS + VOLUME_ENDINGS
+    )
+    if not files:
+        raise DataError(f"{source}: no images or volumes to predict (supported: {', '.join(IMAGE_2D_ENDINGS + VOLUME_ENDINGS)})")
+    groups: dict[str, dict[int, Path]] = {}
+    for path in files:
+        stem = path.name[: -len(file_ending(path))]
+        match = _CHANNEL_FILE.match(stem)
+        name, channel = (match.group(1), int(match.group(2))) if match else (stem, 0)
+        if channel in groups.setdefault(name, {}):
+            raise DataError(f"{path}: two inputs would both be written as {name}; rename one")
+        groups[name][channel] = path
+    cases = []
+    for name, channels in sorted(groups.items()):
+        if sorted(channels) != list(range(len(channels))):
+            raise DataError(f"{source}: case {name} has channel files {sorted(channels)}; expected 0..n-1")
+        cases.append(InputCase(name, [channels[i] for i in sorted(channels)]))
+    return cases
+
+
+def check_output_location(inputs: Path, output: Path) -> None:
+    """A folder of inputs is never written into (a single input file is only protected from overwriting)."""
+    if not inputs.is_dir():
+        return
+    input_folder, out = inputs.resolve(), output.resolve()
+    if out == input_folder or input_folder in out.parents:
+        raise ConfigError(f"{output}: the output folder must not be (inside) the input folder {input_folder}; choose another")
+
+
+def normalization_for(image: np.ndarray, normalization: Normalization, path: Path) -> Normalization:
+    """The trained normalisation, unless it cannot apply to this image's pixel type."""
+    if normalization.scheme == "uint8" and image.dtype != np.uint8:
+        warnings.warn(f"{path}: {image.dtype} image but the model was trained on 8-bit images; scaling by percentiles", stacklevel=2)
+        return Normalization("percentile")
+    return normalization
+
+
+def load_input(case: InputCase) -> tuple[np.ndarray, LoadedImage]:
+    loaded = [read_image(path) for path in case.files]
+    image = np.concatenate([channels_first(item) for item in loaded], axis=0)
+    if image.shape[0] not in (1, 3):
+        raise DataError(f"{case.files[0]}: {image.shape[0]} channels; biosam2 models take 1 (grey) or 3 (colour)")
+    return image, loaded[0]
+
+
+def output_path(folder: Path, case: InputCase, reference: LoadedImage) -> Path:
+    ending = file_ending(reference.path) if reference.is_volume else ".png"
+    return folder / f"{case.name}{ending}"
+
+
+def predict_files(
+    model,
+    inputs: str | Path,
+    output: str | Path,
+    *,
+    normalization: Normalization,
+    class_names: list[str] | None = None,
+    probabilities: bool = False,
+    overlays: bool = False,
+    batch_size: int = 8,
+    device: str | None = None,
+    overwrite: bool = False,
+) -> list[Path]:
+    """Predict every input case and write the results to ``output``; returns the label map paths."""
+    from biosam2.training.plots import write_overlay
+
+    inputs, output = Path(inputs), Path(output)
+    cases = find_inputs(inputs)
+    check_output_location(inputs, output)
+    input_files = {p.resolve() for case in cases for p in case.files}
+    predictor = Predictor(model, batch_size=batch_size, device=device)
+    written = []
+    for case in cases:
+        raw, reference = load_input(case)
+        destination = output_path(output, case, reference)
+        if destination.resolve() in input_files:
+            raise ConfigError(f"{destination}: would overwrite an input; choose another output folder")
+        if destination.exists() and not overwrite:
+            raise ConfigError(f"{destination}: already exists; pass --overwrite or choose another output folder")
+        image = normalization_for(raw, normalization, case.files[0]).apply(raw)
+        labels, probs = predictor.predict(image, return_probabilities=probabilities)
+        write_like(destination, labels, reference)
+        written.append(destination)
+        if probabilities and probs is not None:
+            _write_probabilities(output, case, reference, probs)
+        if overlays:
+            write_overlay(output / "overlays" / f"{case.name}.png", image, None, labels)
+        log.info("%s -> %s", case.files[0], destination)
+    return written
+
+
+def _write_probabilities(output: Path, case: InputCase, reference: LoadedImage, probabilities: np.ndarray) -> None:
+    from biosam2.atomic_io import atomic_output
+
+    if reference.is_volume and file_ending(reference.path) in NIFTI_ENDINGS:
+        write_like(output / f"{case.name}_probabilities.nii.gz", np.moveaxis(probabilities, 0, -1).astype(np.float32), reference)
+    else:
+        with atomic_output(output / f"{case.name}_probabilities.npy", suffix=".npy") as temporary:
+            np.save(temporary, probabilities.astype(np.float32))

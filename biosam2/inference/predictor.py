@@ -1,0 +1,100 @@
+"""Running a trained model over whole images and volumes, at their native resolution.
+
+- 2-D images go through the model whole; images with a side above ``max_side`` (default 2048) are
+  predicted in overlapping tiles blended with Gaussian weights (MONAI's sliding-window inference),
+  which bounds memory whatever the image size.
+- 3-D volumes are predicted slice by slice (last axis), ``batch_size`` slices at a time.
+- Images of the same size are batched together.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from monai.inferers import sliding_window_inference
+
+
+class Predictor:
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        *,
+        batch_size: int = 8,
+        device: str | torch.device | None = None,
+        mixed_precision: bool | None = None,
+        max_side: int = 2048,
+        tile_size: int = 1024,
+        tile_overlap: float = 0.25,
+    ):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.model = model.to(self.device).eval()
+        self.batch_size = batch_size
+        self.mixed_precision = self.device.type == "cuda" if mixed_precision is None else mixed_precision
+        self.max_side = max_side
+        self.tile_size = tile_size
+        self.tile_overlap = tile_overlap
+
+    def _autocast(self):
+        if self.mixed_precision and self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+        return contextlib.nullcontext()
+
+    @torch.no_grad()
+    def probabilities_2d(self, batch: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) normalised images -> (B, num_classes, H, W) softmax probabilities (float32, CPU)."""
+        batch = batch.to(self.device, torch.float32)
+        with self._autocast():
+            if max(batch.shape[-2:]) > self.max_side:
+                logits = sliding_window_inference(
+                    batch,
+                    roi_size=(self.tile_size, self.tile_size),
+                    sw_batch_size=1,
+                    predictor=self.model,
+                    overlap=self.tile_overlap,
+                    mode="gaussian",
+                )
+            else:
+                logits = self.model(batch)
+        return torch.softmax(logits.float(), dim=1).cpu()
+
+    @torch.no_grad()
+    def predict(self, image: np.ndarray, return_probabilities: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """A channels-first image (C, H, W) or volume (C, X, Y, Z) -> label map (and probabilities)."""
+        if image.ndim == 3:
+            probabilities = self.probabilities_2d(torch.from_numpy(np.ascontiguousarray(image))[None])[0]
+            labels = probabilities.argmax(0).numpy()
+            return _compact(labels), (probabilities.numpy() if return_probabilities else None)
+        slices = torch.from_numpy(np.ascontiguousarray(np.moveaxis(image, -1, 0)))  # (Z, C, X, Y)
+        labels = np.empty(image.shape[1:], dtype=np.int64)
+        probabilities = None
+        for start in range(0, slices.shape[0], self.batch_size):
+            chunk = self.probabilities_2d(slices[start : start + self.batch_size])  # (b, N, X, Y)
+            labels[..., start : start + chunk.shape[0]] = np.moveaxis(chunk.argmax(1).numpy(), 0, -1)
+            if return_probabilities:
+                if probabilities is None:
+                    probabilities = np.empty((chunk.shape[1], *image.shape[1:]), dtype=np.float32)
+                probabilities[..., start : start + chunk.shape[0]] = np.moveaxis(chunk.numpy(), 0, -1)
+        return _compact(labels), probabilities
+
+    @torch.no_grad()
+    def predict_many(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
+        """Label maps for many 2-D images, batching those of equal size."""
+        results: list[np.ndarray | None] = [None] * len(images)
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for index, image in enumerate(images):
+            by_shape.setdefault(image.shape, []).append(index)
+        for indices in by_shape.values():
+            for start in range(0, len(indices), self.batch_size):
+                group = indices[start : start + self.batch_size]
+                batch = torch.from_numpy(np.stack([images[i] for i in group]))
+                labels = self.probabilities_2d(batch).argmax(1).numpy()
+                for i, label in zip(group, labels, strict=True):
+                    results[i] = _compact(label)
+        return results  # type: ignore[return-value]
+
+
+def _compact(labels: np.ndarray) -> np.ndarray:
+    return labels.astype(np.uint8 if labels.max(initial=0) < 256 else np.uint16)

@@ -1,0 +1,110 @@
+"""The LightningModule: loss, optimiser and schedule, and validation by hard mIoU over whole cases."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import lightning as L
+import numpy as np
+import torch
+from monai.losses import DiceLoss
+from torch import nn
+from torchmetrics.classification import MulticlassConfusionMatrix
+
+from biosam2.data.cases import Case
+from biosam2.data.training_data import IGNORE_INDEX
+from biosam2.errors import CheckpointError
+from biosam2.inference.predictor import Predictor
+from biosam2.model.segmenter import BioSAM2
+from biosam2.training.config import TrainConfig
+
+
+class SegmentationLoss(nn.Module):
+    """Cross-entropy (the paper's), optionally plus soft Dice (MONAI), ignoring out-of-image pixels."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.cross_entropy = nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
+        self.dice = DiceLoss(to_onehot_y=True, softmax=True, ignore_index=IGNORE_INDEX) if kind == "dice_ce" else None
+
+    def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        loss = self.cross_entropy(logits, target)
+        if self.dice is not None:
+            loss = loss + self.dice(logits, target[:, None])
+        return loss
+
+
+def iou_from_confusion(confusion: torch.Tensor) -> torch.Tensor:
+    """Per-class IoU = TP / (TP + FP + FN) from a (true, predicted) confusion matrix."""
+    confusion = confusion.double()
+    true_positive = confusion.diag()
+    union = confusion.sum(0) + confusion.sum(1) - true_positive
+    return torch.where(union > 0, true_positive / union.clamp(min=1), torch.full_like(union, float("nan")))
+
+
+class SegmentationModule(L.LightningModule):
+    def __init__(self, model: BioSAM2, config: TrainConfig, class_names: Sequence[str]):
+        super().__init__()
+        self.model = model
+        self.config = config
+        self.class_names = list(class_names)
+        self.loss = SegmentationLoss(config.loss)
+        # Hard confusion matrix over every pixel of every validation case: the paper's mIoU.
+        self.val_confusion = MulticlassConfusionMatrix(num_classes=model.num_classes)
+        # Checkpoints hold only what is trained; the frozen SAM2 comes from the base weights.
+        self.strict_loading = False
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_index: int) -> torch.Tensor:
+        images, labels = batch
+        loss = self.loss(self.model(images), labels)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=images.shape[0])
+        return loss
+
+    def validation_step(self, batch: list[Case], batch_index: int) -> None:
+        predictor = Predictor(self.model, batch_size=self.config.batch_size, device=self.device, mixed_precision=False)
+        for case in batch:
+            labels, _ = predictor.predict(case.image)
+            self.val_confusion.update(
+                torch.from_numpy(labels.astype(np.int64)).flatten().to(self.device),
+                torch.from_numpy(case.label).flatten().to(self.device),
+            )
+        self.model.train(self.training)  # the predictor switched to eval mode
+
+    def on_validation_epoch_end(self) -> None:
+        iou = iou_from_confusion(self.val_confusion.compute())
+        self.val_confusion.reset()
+        self.log("val/mIoU", torch.nanmean(iou).float(), prog_bar=True, sync_dist=True)
+        for name, value in zip(self.class_names, iou, strict=True):
+            self.log(f"val/IoU_{name}", value.float(), sync_dist=True)
+
+    def configure_optimizers(self):
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = torch.optim.Adam(trainable, lr=self.config.lr, weight_decay=self.config.weight_decay)
+        total_steps = max(1, int(self.trainer.estimated_stepping_batches))
+        schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=total_steps, eta_min=0.0)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # Small checkpoints: only trained tensors, plus the base fingerprint to catch a wrong base on resume.
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        trained = {f"model.{name}" for name in self.model.trained_state_dict()}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trained or not k.startswith("model.")}
+        checkpoint["biosam2_base_fingerprint"] = self.model.base_fingerprint()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        recorded = checkpoint.get("biosam2_base_fingerprint")
+        if recorded is not None and recorded != self.model.base_fingerprint():
+            raise CheckpointError(
+                "the checkpoint was trained on other base SAM2 weights than the ones loaded now; "
+                "resume with the same --weights"
+            )
+        expected = {f"model.{name}" for name in self.model.trained_state_dict()}
+        stored = {k for k in checkpoint["state_dict"] if k.startswith("model.")}
+        if stored != expected:
+            missing, unexpected = sorted(expected - stored), sorted(stored - expected)
+            raise CheckpointError(
+                "the checkpoint does not match this model (another adapter, size or number of classes?): "
+                f"missing {missing[:4]}, unexpected {unexpected[:4]}"
+            )

@@ -1,0 +1,269 @@
+"""``train``: from a dataset folder to a trained, evaluated model in a run directory.
+
+Run directory::
+
+    RUN/
+      config.yaml            every option of the run (re-run with --config RUN/config.yaml)
+      run.json               dataset path, fold, split and normalisation actually used
+      checkpoints/last.ckpt  end of the last finished epoch (resume point); best.ckpt: best val mIoU
+      logs/version_N/metrics.csv   per-step and per-epoch metrics, one folder per attempt (resumes add one);
+                             TensorBoard events in tensorboard/ if it is installed
+      curves.png             learning curves
+      overlays/*.png         image | ground truth | prediction for a few validation cases
+      model/                 the small artifact (best epoch; LW fused): biosam2 predict RUN ...
+      test_predictions/      label maps predicted for the test split
+      evaluation.json/.md    test metrics (mIoU as the paper reports it, Dice, HD95)
+      metrics.json           summary: best validation mIoU and epoch, test metrics, parameters, time
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from torch.utils.data import DataLoader
+
+from biosam2.atomic_io import atomic_output, atomic_write_json, atomic_write_text
+from biosam2.data.cases import Case, load_case, resolve_normalization
+from biosam2.data.dataset_format import CaseFiles, DatasetSpec, load_dataset_spec
+from biosam2.data.image_io import IMAGE_2D_ENDINGS, write_like
+from biosam2.data.normalization import Normalization
+from biosam2.data.training_data import CaseDataset, EpochSeededSampler, SliceDataset, collate_cases
+from biosam2.errors import ConfigError, DataError
+from biosam2.inference.predictor import Predictor
+from biosam2.model.factory import build_model, count_parameters
+from biosam2.training.config import TrainConfig
+from biosam2.training.module import SegmentationModule
+from biosam2.training.plots import plot_learning_curves, write_overlay
+
+log = logging.getLogger("biosam2")
+
+CONFIG_FILE = "config.yaml"
+RUN_FILE = "run.json"
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning checkpoints written to a temporary file and renamed: never a half-written .ckpt."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
+        with atomic_output(path, suffix=".ckpt") as temporary:
+            torch.save(checkpoint, temporary)
+
+
+@dataclass
+class Split:
+    train: list[CaseFiles]
+    val: list[CaseFiles]
+    test: list[CaseFiles]
+    note: str
+
+
+def resolve_split(spec: DatasetSpec, fold: int, seed: int) -> Split:
+    """Train/val from splits_final.json (or a seeded 80/20 split, said so), test from imagesTs."""
+    cases = {c.case_id: c for c in spec.list_cases("train")}
+    if not cases:
+        raise DataError(f"{spec.root / 'imagesTr'}: no training cases (expected CASE_0000{spec.file_ending} files)")
+    folds = spec.load_splits()
+    if folds:
+        if not 0 <= fold < len(folds):
+            raise ConfigError(f"fold={fold}: {spec.root / 'splits_final.json'} has folds 0..{len(folds) - 1}")
+        chosen = folds[fold]
+        unknown = sorted(set(chosen["train"] + chosen["val"]) - set(cases))
+        if unknown:
+            raise DataError(f"{spec.root / 'splits_final.json'}: cases not in imagesTr: {', '.join(unknown[:8])}")
+        overlap = sorted(set(chosen["train"]) & set(chosen["val"]))
+        if overlap:
+            raise DataError(f"{spec.root / 'splits_final.json'}: cases in both train and val: {', '.join(overlap[:8])}")
+        train_ids, val_ids, note = chosen["train"], chosen["val"], f"fold {fold} of splits_final.json"
+    else:
+        ids = sorted(cases)
+        order = np.random.default_rng(seed).permutation(len(ids))
+        n_val = max(1, round(0.2 * len(ids)))
+        val_ids = sorted(ids[i] for i in order[:n_val])
+        train_ids = sorted(ids[i] for i in order[n_val:])
+        note = f"no splits_final.json: seeded (seed {seed}) random 80/20 train/val split of imagesTr"
+    if not train_ids or not val_ids:
+        raise DataError(f"{spec.root}: the split leaves no {'training' if not train_ids else 'validation'} cases")
+    test = [c for c in spec.list_cases("test") if c.label is not None]
+    return Split([cases[i] for i in train_ids], [cases[i] for i in val_ids], test, note)
+
+
+def precision_for(config: TrainConfig) -> str:
+    if config.precision != "auto":
+        return config.precision if config.precision != "32" else "32-true"
+    if torch.cuda.is_available() and config.accelerator in ("auto", "gpu", "cuda"):
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "32-true"
+
+
+def prediction_path(folder: Path, case_id: str, spec: DatasetSpec) -> Path:
+    ending = ".png" if spec.file_ending in IMAGE_2D_ENDINGS else spec.file_ending
+    return folder / f"{case_id}{ending}"
+
+
+def _loggers(run: Path) -> list:
+    # A new version_N folder per attempt: resuming must not erase the history of earlier attempts.
+    loggers: list = [CSVLogger(save_dir=str(run), name="logs")]
+    try:
+        from lightning.pytorch.loggers import TensorBoardLogger
+
+        import tensorboard  # noqa: F401  (optional)
+
+        loggers.append(TensorBoardLogger(save_dir=str(run), name="tensorboard"))
+    except ImportError:
+        pass
+    return loggers
+
+
+def train(
+    data: str | Path,
+    run: str | Path,
+    config: TrainConfig,
+    *,
+    resume: bool = False,
+    progress_bar: bool = True,
+) -> dict[str, Any]:
+    """Train, select the best epoch on validation, save the artifact, evaluate on the test split."""
+    started = time.time()
+    data, run = Path(data), Path(run)
+    last = run / "checkpoints" / "last.ckpt"
+    if resume:
+        if not last.exists():
+            raise ConfigError(f"{run}: nothing to resume (no checkpoints/last.ckpt); start the run without --resume")
+    elif (run / CONFIG_FILE).exists() or last.exists():
+        raise ConfigError(f"{run}: already holds a run; use --resume to continue it, or another --out")
+
+    spec = load_dataset_spec(data)
+    split = resolve_split(spec, config.fold, config.seed)
+    normalization = resolve_normalization(spec, split.train)
+    run.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run / CONFIG_FILE, config.to_yaml())
+    run_info = {
+        "dataset": str(data.resolve()),
+        "dataset_name": spec.name,
+        "labels": spec.labels,
+        "channel_names": spec.channel_names,
+        "file_ending": spec.file_ending,
+        "normalization": normalization.to_dict(),
+        "split": {"note": split.note, "train": [c.case_id for c in split.train], "val": [c.case_id for c in split.val], "test": [c.case_id for c in split.test]},
+    }
+    atomic_write_json(run / RUN_FILE, run_info)
+    log.info("dataset %s: %d train / %d val / %d test cases (%s)", spec.name, len(split.train), len(split.val), len(split.test), split.note)
+
+    L.seed_everything(config.seed, workers=True, verbose=False)
+    train_cases = [load_case(spec, files, normalization) for files in split.train]
+    val_cases = [load_case(spec, files, normalization) for files in split.val]
+    model = build_model(num_classes=spec.num_classes, seed=config.seed, **config.model_options(), weights=config.weights)
+    model.set_gradient_checkpointing(config.gradient_checkpointing)
+    module = SegmentationModule(model, config, spec.class_names)
+
+    train_set = SliceDataset(train_cases, config.patch_size, config.input_mode, config.augment, seed=config.seed)
+    loader_options = {"num_workers": config.num_workers, "persistent_workers": config.num_workers > 0}
+    train_loader = DataLoader(
+        train_set,
+        batch_size=config.batch_size,
+        sampler=EpochSeededSampler(len(train_set), config.seed),
+        drop_last=len(train_set) > config.batch_size,  # no 1-sample batches for the LW adapters' BatchNorm
+        **loader_options,
+    )
+    val_loader = DataLoader(CaseDataset(val_cases), batch_size=1, collate_fn=collate_cases)
+
+    best = ModelCheckpoint(dirpath=run / "checkpoints", filename="best", monitor="val/mIoU", mode="max", save_top_k=1, enable_version_counter=False)
+    latest = ModelCheckpoint(dirpath=run / "checkpoints", filename="last", save_top_k=1, every_n_epochs=1, save_on_train_epoch_end=True, enable_version_counter=False)
+    trainer = L.Trainer(
+        max_epochs=config.epochs,
+        accelerator=config.accelerator,
+        devices=config.devices,
+        strategy=config.strategy,
+        num_nodes=config.num_nodes,
+        precision=precision_for(config),
+        logger=_loggers(run),
+        callbacks=[best, latest] + ([TQDMProgressBar(refresh_rate=1)] if progress_bar else []),
+        plugins=[AtomicCheckpointIO()],
+        check_val_every_n_epoch=config.val_every,
+        limit_train_batches=config.limit_train_batches,
+        log_every_n_steps=1,
+        num_sanity_val_steps=0,
+        enable_progress_bar=progress_bar,
+        enable_model_summary=False,
+        default_root_dir=str(run),
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        # Frozen SAM2 stays in eval mode on purpose; a resumed run reuses its checkpoint folder.
+        warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
+        warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")
+        trainer.fit(module, train_loader, val_loader, ckpt_path=str(last) if resume else None, weights_only=True)
+    if trainer.interrupted:
+        raise KeyboardInterrupt
+
+    # The best epoch's weights, in inference form, as the run's artifact.
+    best_path = Path(best.best_model_path) if best.best_model_path else last
+    if best_path.exists():
+        state = torch.load(best_path, map_location="cpu", weights_only=True)["state_dict"]
+        module.load_state_dict(state, strict=False)
+    model = module.model.cpu().eval()
+    if model.config.adapter == "lw":
+        model.reparameterize()
+    model.save_pretrained(run / "model", metadata=run_info)
+
+    summary: dict[str, Any] = {
+        "best_val_mIoU": float(best.best_model_score) if best.best_model_score is not None else None,
+        "best_epoch": _epoch_of(best_path),
+        "epochs_trained": trainer.current_epoch,
+        "parameters": count_parameters(model)._asdict(),
+        "split": split.note,
+        "normalization": normalization.to_dict(),
+    }
+    plot_learning_curves(sorted((run / "logs").glob("version_*/metrics.csv"), key=_version_number), run / "curves.png")
+    predictor = Predictor(model, batch_size=config.batch_size)
+    for case in val_cases[: config.overlays]:
+        prediction, _ = predictor.predict(case.image)
+        write_overlay(run / "overlays" / f"{case.case_id}.png", case.image, case.label, prediction)
+    if config.evaluate_test and split.test:
+        summary["test"] = evaluate_split(predictor, spec, split.test, normalization, run)
+    summary["seconds"] = round(time.time() - started, 1)
+    atomic_write_json(run / "metrics.json", summary)
+    return summary
+
+
+def _version_number(path: Path) -> int:
+    return int(path.parent.name.removeprefix("version_"))
+
+
+def _epoch_of(checkpoint: Path) -> int | None:
+    if not checkpoint.exists():
+        return None
+    return int(torch.load(checkpoint, map_location="cpu", weights_only=True).get("epoch", -1))
+
+
+def evaluate_split(predictor: Predictor, spec: DatasetSpec, cases: list[CaseFiles], normalization: Normalization, run: Path) -> dict[str, Any]:
+    """Predict every test case at native resolution, write the label maps, evaluate them."""
+    from biosam2.evaluation import evaluate_folders
+
+    folder = run / "test_predictions"
+    for files in cases:
+        case: Case = load_case(spec, files, normalization, with_label=False)
+        labels, _ = predictor.predict(case.image)
+        write_like(prediction_path(folder, case.case_id, spec), labels, case.reference)
+    result = evaluate_folders(folder, spec.root / "labelsTs", labels=spec.labels)
+    result.write_json(run / "evaluation.json")
+    result.write_markdown(run / "evaluation.md")
+    return json.loads(json.dumps(_headline(result)))
+
+
+def _headline(result) -> dict[str, Any]:
+    payload = result.to_dict()
+    keep = ("miou", "per_class_iou", "mean_foreground_dice", "mean_foreground_hd95", "hd95_unit", "num_cases")
+    return {k: payload[k] for k in keep if k in payload}

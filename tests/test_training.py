@@ -1,0 +1,144 @@
+"""Training end to end on synthetic data: the run directory, resuming, predicting, the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+import biosam2
+from biosam2.cli import main
+from biosam2.data.image_io import read_image, read_label, write_volume
+from biosam2.data.synthetic import write_synthetic_dataset
+from biosam2.errors import ConfigError
+from biosam2.training import TrainConfig, train
+
+QUICK = dict(adapter="lw", epochs=2, batch_size=2, patch_size=64, lr=1e-3, num_workers=0, overlays=2)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return write_synthetic_dataset(tmp_path_factory.mktemp("data") / "syn", train=4, val=2, test=2, max_side=96)
+
+
+@pytest.fixture(scope="module")
+def trained(dataset, tmp_path_factory):
+    run = tmp_path_factory.mktemp("runs") / "run"
+    summary = train(dataset, run, TrainConfig(**QUICK), progress_bar=False)
+    return run, summary
+
+
+def test_run_directory_holds_everything_promised(trained):
+    run, summary = trained
+    for name in ["config.yaml", "run.json", "metrics.json", "curves.png", "evaluation.json", "evaluation.md",
+                 "checkpoints/last.ckpt", "checkpoints/best.ckpt", "model/biosam2.json", "model/biosam2.safetensors",
+                 "logs/version_0/metrics.csv"]:
+        assert (run / name).is_file(), name
+    assert len(list((run / "overlays").glob("*.png"))) == 2
+    assert len(list((run / "test_predictions").glob("*.png"))) == 2
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["adapter"] == "lw" and saved["epochs"] == 2 and saved["lr"] == 1e-3
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics == json.loads(json.dumps(summary))
+    assert 0 <= metrics["best_val_mIoU"] <= 1 and metrics["epochs_trained"] == 2
+    assert 0 <= metrics["test"]["miou"] <= 1
+    # the artifact is the fused LW model and knows how to normalise and name its outputs
+    description = json.loads((run / "model" / "biosam2.json").read_text())
+    assert description["model"]["reparameterized"] is True
+    assert description["metadata"]["normalization"] == {"scheme": "uint8"}
+    assert description["metadata"]["labels"] == {"background": 0, "cell": 1, "nucleus": 2, "fibre": 3}
+
+
+def test_checkpoints_hold_only_trained_tensors(trained):
+    import torch
+
+    run, _ = trained
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    keys = list(checkpoint["state_dict"])
+    assert keys and not any(".attn.qkv." in k for k in keys)
+    assert any(".mlp.adapter." in k for k in keys)
+
+
+def test_an_existing_run_is_never_overwritten(dataset, trained):
+    run, _ = trained
+    with pytest.raises(ConfigError, match="already holds a run; use --resume"):
+        train(dataset, run, TrainConfig(**QUICK), progress_bar=False)
+
+
+def test_resume_continues_from_the_last_checkpoint(dataset, tmp_path):
+    run = tmp_path / "run"
+    train(dataset, run, TrainConfig(**{**QUICK, "epochs": 1}), progress_bar=False)
+    # the same run, now asked for 2 epochs: the CLI refuses a changed config, the API continues it
+    assert main(["train", str(dataset), "--out", str(run), "--resume", "--epochs", "3", "--no-progress"]) == 2
+    (run / "config.yaml").write_text(TrainConfig(**QUICK).to_yaml())
+    summary = train(dataset, run, TrainConfig(**QUICK), resume=True, progress_bar=False)
+    assert summary["epochs_trained"] == 2
+    # each attempt keeps its own log; together they cover both epochs
+    from biosam2.training.plots import epoch_series
+
+    logs = sorted((run / "logs").glob("version_*/metrics.csv"))
+    assert len(logs) == 2
+    assert [epoch for epoch, _ in epoch_series(logs, "val/mIoU")] == [0, 1]
+
+
+def test_nothing_to_resume_is_explained(dataset, tmp_path):
+    with pytest.raises(ConfigError, match="nothing to resume"):
+        train(dataset, tmp_path / "new", TrainConfig(**QUICK), resume=True)
+
+
+def test_predict_cli_writes_label_maps_of_the_input_size(dataset, trained, tmp_path):
+    run, _ = trained
+    out = tmp_path / "pred"
+    assert main(["predict", str(run), str(dataset / "imagesTs"), str(out), "--probabilities", "--overlays"]) == 0
+    for image_path in sorted((dataset / "imagesTs").glob("*_0000.png")):
+        case = image_path.name.removesuffix("_0000.png")
+        label = read_label(out / f"{case}.png").array
+        assert label.shape == read_image(image_path).array.shape[:2]
+        assert set(np.unique(label)) <= {0, 1, 2, 3}
+        probabilities = np.load(out / f"{case}_probabilities.npy")
+        assert probabilities.shape == (4, *label.shape)
+        np.testing.assert_allclose(probabilities.sum(0), 1.0, atol=1e-4)
+        assert (out / "overlays" / f"{case}.png").exists()
+
+
+def test_predict_never_writes_into_or_over_its_inputs(dataset, trained, capsys):
+    run, _ = trained
+    before = sorted(p.name for p in (dataset / "imagesTs").iterdir())
+    assert main(["predict", str(run), str(dataset / "imagesTs"), str(dataset / "imagesTs" / "out")]) == 2
+    assert "must not be (inside) the input folder" in capsys.readouterr().err
+    assert sorted(p.name for p in (dataset / "imagesTs").iterdir()) == before
+
+
+def test_predicted_volume_keeps_the_inputs_geometry(trained, tmp_path):
+    run, _ = trained
+    affine = np.array([[0.7, 0, 0, -10], [0, 0.8, 0, 5], [0, 0, 2.5, 40], [0, 0, 0, 1]])
+    volume = (np.random.default_rng(0).random((40, 50, 6)) * 255).astype(np.uint8)
+    write_volume(tmp_path / "scan.nii.gz", volume, affine)
+    assert main(["predict", str(run), str(tmp_path / "scan.nii.gz"), str(tmp_path / "out")]) == 0
+    written = read_label(tmp_path / "out" / "scan.nii.gz")
+    assert written.array.shape == (40, 50, 6)
+    np.testing.assert_allclose(written.affine, affine)
+    assert written.spacing == pytest.approx((0.7, 0.8, 2.5))
+
+
+def test_model_from_the_run_loads_through_the_public_api(trained):
+    run, _ = trained
+    model = biosam2.load_model(run / "model")
+    assert model.num_classes == 4 and model.config.reparameterized
+
+
+@pytest.mark.parametrize("command", ["demo", "convert", "check-data", "train", "predict", "evaluate"])
+def test_every_command_answers_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "-h"])
+    assert exit_.value.code == 0
+    assert "usage: biosam2" in capsys.readouterr().out
+
+
+def test_cli_errors_are_one_line_without_traceback(tmp_path, capsys):
+    assert main(["check-data", str(tmp_path / "nowhere")]) == 1
+    assert main(["train", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert "dataset folder not found" in err and "Traceback" not in err
