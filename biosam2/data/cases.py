@@ -82,6 +82,11 @@ def read_case_label(spec: DatasetSpec, files: CaseFiles, reference: LoadedImage)
 
 def load_case(spec: DatasetSpec, files: CaseFiles, normalization: Normalization, with_label: bool = True) -> Case:
     raw, reference = read_case_image(spec, files)
+    if normalization.scheme == "uint8" and raw.dtype != np.uint8:
+        raise DataError(
+            f"{reference.path}: {raw.dtype} pixels in a dataset normalised as 8-bit images; convert it to 8 bits "
+            "or state \"normalization\": {\"scheme\": \"percentile\"} in dataset.json"
+        )
     label = read_case_label(spec, files, reference) if with_label else None
     image = np.ascontiguousarray(normalization.apply(raw), dtype=np.float32)
     return Case(files.case_id, image, label, geometry_only(reference))

@@ -260,10 +260,7 @@ class Evaluator:
         """Whole-set scores of the cases added so far (see the module docstring for the conventions)."""
         if not self._cases:
             raise ValueError("no cases were added; nothing to evaluate")
-        confusion = self._confusion.compute().cpu().to(torch.float64)
-        tp = confusion.diagonal()
-        union = confusion.sum(dim=0) + confusion.sum(dim=1) - tp
-        iou_values = [float(tp[i] / union[i]) if union[i] > 0 else math.nan for i in range(self.num_classes)]
+        iou_values = iou_from_confusion(self._confusion.compute().cpu()).tolist()
         defined_iou = [v for v in iou_values if not math.isnan(v)]
         miou = float(np.mean(defined_iou)) if defined_iou else math.nan
 
@@ -294,6 +291,14 @@ class Evaluator:
             cases=list(self._cases),
             convention=CONVENTION,
         )
+
+
+def iou_from_confusion(confusion: torch.Tensor) -> torch.Tensor:
+    """Per-class IoU = TP / (TP + FP + FN) from a confusion matrix; NaN for a class seen nowhere."""
+    confusion = confusion.to(torch.float64)
+    true_positive = confusion.diagonal()
+    union = confusion.sum(dim=0) + confusion.sum(dim=1) - true_positive
+    return torch.where(union > 0, true_positive / union.clamp(min=1), torch.full_like(union, math.nan))
 
 
 def _mean_std_count(values: list[float]) -> tuple[float, float, int]:

@@ -12,7 +12,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
+import shutil
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,24 +114,39 @@ def predict_files(
     check_output_location(inputs, output)
     input_files = {p.resolve() for case in cases for p in case.files}
     predictor = Predictor(model, batch_size=batch_size, device=device)
-    written = []
-    for case in cases:
-        raw, reference = load_input(case)
-        destination = output_path(output, case, reference)
-        if destination.resolve() in input_files:
-            raise ConfigError(f"{destination}: would overwrite an input; choose another output folder")
-        if destination.exists() and not overwrite:
-            raise ConfigError(f"{destination}: already exists; pass --overwrite or choose another output folder")
-        image = normalization_for(raw, normalization, case.files[0]).apply(raw)
-        labels, probs = predictor.predict(image, return_probabilities=probabilities)
-        write_like(destination, labels, reference)
-        written.append(destination)
-        if probabilities and probs is not None:
-            _write_probabilities(output, case, reference, probs)
-        if overlays:
-            write_overlay(output / "overlays" / f"{case.name}.png", image, None, labels)
-        log.info("%s -> %s", case.files[0], destination)
-    return written
+    created = not output.exists()
+    output.mkdir(parents=True, exist_ok=True)
+    # Results go to a staging folder and are moved into place only once every case succeeded:
+    # a failure leaves no partial set of predictions that could pass for a complete one.
+    staging = Path(tempfile.mkdtemp(prefix=".biosam2-predict-", dir=output))
+    try:
+        written = []
+        for case in cases:
+            raw, reference = load_input(case)
+            destination = output_path(output, case, reference)
+            if destination.resolve() in input_files:
+                raise ConfigError(f"{destination}: would overwrite an input; choose another output folder")
+            if destination.exists() and not overwrite:
+                raise ConfigError(f"{destination}: already exists; pass --overwrite or choose another output folder")
+            image = normalization_for(raw, normalization, case.files[0]).apply(raw)
+            labels, probs = predictor.predict(image, return_probabilities=probabilities)
+            write_like(staging / destination.name, labels, reference)
+            written.append(destination)
+            if probabilities and probs is not None:
+                _write_probabilities(staging, case, reference, probs)
+            if overlays:
+                write_overlay(staging / "overlays" / f"{case.name}.png", image, None, labels)
+            log.info("%s -> %s", case.files[0], destination)
+        for produced in sorted(staging.rglob("*")):
+            if produced.is_file():
+                target = output / produced.relative_to(staging)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(produced, target)
+        return written
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+        if created and not any(output.iterdir()):
+            output.rmdir()  # a failed first run leaves no empty output folder behind
 
 
 def _write_probabilities(output: Path, case: InputCase, reference: LoadedImage, probabilities: np.ndarray) -> None:

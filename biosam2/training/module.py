@@ -14,6 +14,7 @@ from torchmetrics.classification import MulticlassConfusionMatrix
 from biosam2.data.cases import Case
 from biosam2.data.training_data import IGNORE_INDEX
 from biosam2.errors import CheckpointError
+from biosam2.evaluation.metrics import iou_from_confusion
 from biosam2.inference.predictor import Predictor
 from biosam2.model.segmenter import BioSAM2
 from biosam2.training.config import TrainConfig
@@ -32,14 +33,6 @@ class SegmentationLoss(nn.Module):
         if self.dice is not None:
             loss = loss + self.dice(logits, target[:, None])
         return loss
-
-
-def iou_from_confusion(confusion: torch.Tensor) -> torch.Tensor:
-    """Per-class IoU = TP / (TP + FP + FN) from a (true, predicted) confusion matrix."""
-    confusion = confusion.double()
-    true_positive = confusion.diag()
-    union = confusion.sum(0) + confusion.sum(1) - true_positive
-    return torch.where(union > 0, true_positive / union.clamp(min=1), torch.full_like(union, float("nan")))
 
 
 class SegmentationModule(L.LightningModule):

@@ -29,7 +29,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.utils.data import DataLoader
@@ -40,7 +40,7 @@ from biosam2.data.dataset_format import CaseFiles, DatasetSpec, load_dataset_spe
 from biosam2.data.image_io import IMAGE_2D_ENDINGS, write_like
 from biosam2.data.normalization import Normalization
 from biosam2.data.training_data import CaseDataset, EpochSeededSampler, SliceDataset, collate_cases
-from biosam2.errors import ConfigError, DataError
+from biosam2.errors import CheckpointError, ConfigError, DataError
 from biosam2.inference.predictor import Predictor
 from biosam2.model.factory import build_model, count_parameters
 from biosam2.training.config import TrainConfig
@@ -57,8 +57,34 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning checkpoints written to a temporary file and renamed: never a half-written .ckpt."""
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
-        with atomic_output(path, suffix=".ckpt") as temporary:
-            torch.save(checkpoint, temporary)
+        try:
+            with atomic_output(path, suffix=".ckpt") as temporary:
+                torch.save(checkpoint, temporary)
+        except OSError as error:
+            raise CheckpointError(
+                f"{path}: could not be written ({error.strerror or error}); the previous checkpoint, if any, "
+                "is intact: free some space and continue with --resume"
+            ) from error
+
+
+class ResumePoint(Callback):
+    """A resumable checkpoint exists from the first step on, and Ctrl-C says where to resume from.
+
+    ``last.ckpt`` is written before the first epoch and at the end of every epoch, so an
+    interruption (Ctrl-C, a kill, a crash) loses at most the epoch in progress.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        if not self.path.exists():
+            trainer.save_checkpoint(self.path)
+
+    def on_exception(self, trainer: L.Trainer, module: L.LightningModule, exception: BaseException) -> None:
+        if isinstance(exception, KeyboardInterrupt):
+            epoch = torch.load(self.path, map_location="cpu", weights_only=True).get("epoch", 0) if self.path.exists() else 0
+            log.warning("interrupted: %s holds the state after %d finished epoch(s); continue with --resume", self.path, epoch)
 
 
 @dataclass
@@ -133,8 +159,12 @@ def train(
     *,
     resume: bool = False,
     progress_bar: bool = True,
+    callbacks: list[Callback] | None = None,
 ) -> dict[str, Any]:
-    """Train, select the best epoch on validation, save the artifact, evaluate on the test split."""
+    """Train, select the best epoch on validation, save the artifact, evaluate on the test split.
+
+    ``callbacks`` are extra Lightning callbacks (early stopping, custom logging, ...).
+    """
     started = time.time()
     data, run = Path(data), Path(run)
     last = run / "checkpoints" / "last.ckpt"
@@ -144,9 +174,16 @@ def train(
     elif (run / CONFIG_FILE).exists() or last.exists():
         raise ConfigError(f"{run}: already holds a run; use --resume to continue it, or another --out")
 
+    # Everything that can fail on bad input happens before the run directory exists.
     spec = load_dataset_spec(data)
     split = resolve_split(spec, config.fold, config.seed)
     normalization = resolve_normalization(spec, split.train)
+    L.seed_everything(config.seed, workers=True, verbose=False)
+    train_cases = [load_case(spec, files, normalization) for files in split.train]
+    val_cases = [load_case(spec, files, normalization) for files in split.val]
+    model = build_model(num_classes=spec.num_classes, seed=config.seed, **config.model_options(), weights=config.weights)
+    if resume:
+        check_resumable(last, model)
     run.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run / CONFIG_FILE, config.to_yaml())
     run_info = {
@@ -161,10 +198,6 @@ def train(
     atomic_write_json(run / RUN_FILE, run_info)
     log.info("dataset %s: %d train / %d val / %d test cases (%s)", spec.name, len(split.train), len(split.val), len(split.test), split.note)
 
-    L.seed_everything(config.seed, workers=True, verbose=False)
-    train_cases = [load_case(spec, files, normalization) for files in split.train]
-    val_cases = [load_case(spec, files, normalization) for files in split.val]
-    model = build_model(num_classes=spec.num_classes, seed=config.seed, **config.model_options(), weights=config.weights)
     model.set_gradient_checkpointing(config.gradient_checkpointing)
     module = SegmentationModule(model, config, spec.class_names)
 
@@ -189,7 +222,8 @@ def train(
         num_nodes=config.num_nodes,
         precision=precision_for(config),
         logger=_loggers(run),
-        callbacks=[best, latest] + ([TQDMProgressBar(refresh_rate=1)] if progress_bar else []),
+        callbacks=[best, latest, ResumePoint(last), *(callbacks or [])]
+        + ([TQDMProgressBar(refresh_rate=1)] if progress_bar else []),
         plugins=[AtomicCheckpointIO()],
         check_val_every_n_epoch=config.val_every,
         limit_train_batches=config.limit_train_batches,
@@ -204,7 +238,12 @@ def train(
         # Frozen SAM2 stays in eval mode on purpose; a resumed run reuses its checkpoint folder.
         warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
         warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")
-        trainer.fit(module, train_loader, val_loader, ckpt_path=str(last) if resume else None, weights_only=True)
+        try:
+            trainer.fit(module, train_loader, val_loader, ckpt_path=str(last) if resume else None, weights_only=True)
+        except SystemExit:  # Lightning turns Ctrl-C into a graceful shutdown and sys.exit(1)
+            if trainer.interrupted:
+                raise KeyboardInterrupt from None
+            raise
     if trainer.interrupted:
         raise KeyboardInterrupt
 
@@ -236,6 +275,25 @@ def train(
     summary["seconds"] = round(time.time() - started, 1)
     atomic_write_json(run / "metrics.json", summary)
     return summary
+
+
+def check_resumable(path: Path, model) -> None:
+    """The resume checkpoint must be a plain, complete checkpoint of this very model."""
+    import pickle
+
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise CheckpointError(f"{path}: refused: it contains Python objects other than tensors, which could run code") from None
+    except (RuntimeError, EOFError, OSError) as error:
+        raise CheckpointError(f"{path}: unreadable or truncated checkpoint ({error}); delete it to resume from best.ckpt's run, or restart") from None
+    stored = {k.removeprefix("model.") for k in checkpoint.get("state_dict", {}) if k.startswith("model.")}
+    expected = set(model.trained_state_dict())
+    if stored != expected:
+        raise CheckpointError(
+            f"{path}: does not match the model being resumed (another adapter, SAM2 size or number of classes?): "
+            f"{len(expected - stored)} tensor(s) missing, {len(stored - expected)} unexpected"
+        )
 
 
 def _version_number(path: Path) -> int:

@@ -1,0 +1,127 @@
+"""Interrupted training loses at most one epoch: SIGKILL, Ctrl-C, a full disk; runs repeat exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from biosam2.cli import main
+from biosam2.data.synthetic import write_synthetic_dataset
+from biosam2.training import TrainConfig, train
+
+OPTIONS = ["--adapter", "lw", "--epochs", "3", "--batch-size", "2", "--patch-size", "64", "--lr", "1e-3", "--num-workers", "0", "--no-progress"]
+CONFIG = TrainConfig(adapter="lw", epochs=3, batch_size=2, patch_size=64, lr=1e-3, num_workers=0)
+STEPS_PER_EPOCH = 4  # 8 training images, batch 2
+
+
+def comparable(run: Path) -> dict:
+    metrics = json.loads((run / "metrics.json").read_text())
+    metrics.pop("seconds")
+    return metrics
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    return write_synthetic_dataset(tmp_path_factory.mktemp("data") / "syn", train=8, val=2, test=2, max_side=80)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(dataset, tmp_path_factory):
+    run = tmp_path_factory.mktemp("runs") / "straight"
+    train(dataset, run, CONFIG, progress_bar=False)
+    return run
+
+
+def cli_with_signal_at_step(dataset: Path, run: Path, step: int, signal_name: str) -> subprocess.CompletedProcess:
+    """``biosam2 train`` in a child process that sends itself a signal in the middle of an epoch."""
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        import lightning as L
+        import biosam2.training.run as run_module
+        from biosam2.cli import main
+
+        class SignalAtStep(L.Callback):
+            def on_train_batch_end(self, trainer, *args):
+                if trainer.global_step == {step}:
+                    os.kill(os.getpid(), signal.{signal_name})
+
+        original = run_module.train
+        run_module.train = lambda *a, **k: original(*a, callbacks=[SignalAtStep()], **k)
+        sys.exit(main({["train", str(dataset), "--out", str(run), *OPTIONS]!r}))
+    """)
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+
+
+def test_same_seed_gives_identical_metrics(dataset, uninterrupted, tmp_path):
+    again = tmp_path / "again"
+    train(dataset, again, CONFIG, progress_bar=False)
+    assert comparable(again) == comparable(uninterrupted)
+
+
+def test_sigkill_mid_epoch_then_resume_equals_an_uninterrupted_run(dataset, uninterrupted, tmp_path):
+    run = tmp_path / "killed"
+    killed = cli_with_signal_at_step(dataset, run, STEPS_PER_EPOCH + 2, "SIGKILL")  # in the middle of epoch 2
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert checkpoint["global_step"] == STEPS_PER_EPOCH  # the end of epoch 1: at most one epoch lost
+    assert not (run / "metrics.json").exists()
+
+    assert main(["train", str(dataset), "--out", str(run), "--resume", "--no-progress"]) == 0
+    assert comparable(run) == comparable(uninterrupted)
+
+
+def test_ctrl_c_stops_cleanly_with_a_resumable_checkpoint(dataset, uninterrupted, tmp_path):
+    run = tmp_path / "interrupted"
+    interrupted = cli_with_signal_at_step(dataset, run, 2, "SIGINT")  # during the very first epoch
+    assert interrupted.returncode == 130, interrupted.stderr[-2000:]
+    assert "continue with --resume" in interrupted.stderr
+    assert "Traceback" not in interrupted.stderr
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert checkpoint["global_step"] == 0  # the resume point written before the first epoch
+    assert main(["train", str(dataset), "--out", str(run), "--resume", "--no-progress"]) == 0
+    assert comparable(run) == comparable(uninterrupted)
+
+
+def test_a_full_disk_leaves_the_previous_checkpoint_intact_and_says_so(dataset, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "full-disk"
+    train(dataset, run, TrainConfig(**{**CONFIG.to_dict(), "epochs": 1}), progress_bar=False)
+    last = run / "checkpoints" / "last.ckpt"
+    before = last.read_bytes()
+    (run / "config.yaml").write_text(CONFIG.to_yaml())  # continue to 3 epochs
+
+    def no_space_left(obj, destination, *args, **kwargs):
+        with open(destination, "wb") as stream:
+            stream.write(b"half a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", no_space_left)
+    assert main(["train", str(dataset), "--out", str(run), "--resume", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "last.ckpt: could not be written (No space left on device)" in err
+    assert "previous checkpoint, if any, is intact" in err and "Traceback" not in err
+    assert last.read_bytes() == before
+    assert not [p for p in last.parent.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+def test_a_tampered_resume_checkpoint_is_refused_without_running_code(dataset, tmp_path, capsys):
+    run = tmp_path / "tampered"
+    train(dataset, run, TrainConfig(**{**CONFIG.to_dict(), "epochs": 1}), progress_bar=False)
+    marker = tmp_path / "pwned"
+
+    class CreatesAFile:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    torch.save({"state_dict": {}, "payload": CreatesAFile()}, run / "checkpoints" / "last.ckpt")
+    (run / "config.yaml").write_text(CONFIG.to_yaml())
+    assert main(["train", str(dataset), "--out", str(run), "--resume", "--no-progress"]) == 2
+    assert "refused" in capsys.readouterr().err
+    assert not marker.exists()
