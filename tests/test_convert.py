@@ -25,7 +25,7 @@ from tests.conftest import SHARED_DATA, require_shared
 SPLITS = ("train", "val", "test")
 
 
-def check_dataset(dst: Path, full: dict[str, int], written: dict[str, int], *, coincide: bool = False) -> DatasetSpec:
+def check_dataset(dst: Path, full: dict[str, int], written: dict[str, int]) -> DatasetSpec:
     """The written dataset is valid: spec loads, split counts, disjoint splits, test never in
     splits_final, every case loads with a label map holding only declared ids."""
     spec = load_dataset_spec(dst)
@@ -38,11 +38,8 @@ def check_dataset(dst: Path, full: dict[str, int], written: dict[str, int], *, c
     assert (len(fold["train"]), len(fold["val"]), len(test_ids)) == tuple(written[s] for s in SPLITS)
     assert sorted(set(fold["train"]) | set(fold["val"])) == train_ids
     assert spec.num_training == len(train_ids)
-    if coincide:
-        assert fold["train"] == fold["val"] == test_ids
-    else:
-        assert not set(fold["train"]) & set(fold["val"])
-        assert not set(test_ids) & (set(fold["train"]) | set(fold["val"]))
+    assert not set(fold["train"]) & set(fold["val"])
+    assert not set(test_ids) & (set(fold["train"]) | set(fold["val"]))
     normalization = Normalization.from_dict(spec.normalization)
     for split in ("train", "test"):
         for files in spec.list_cases(split):
@@ -360,8 +357,14 @@ def test_synapse_ct_example_single_case(tmp_path):
     assert summary.counts == {"train": 1, "val": 1, "test": 1}
     assert any("totalsegmentator" in note for note in summary.notes)
     assert any("NEVER to report accuracy" in note for note in summary.notes)
-    spec = check_dataset(tmp_path / "ct", summary.counts, summary.counts, coincide=True)
+    spec = check_dataset(tmp_path / "ct", summary.counts, summary.counts)
     assert "ONE CASE ONLY" in spec.raw["description"]
+    # train and val are the two halves of the slices, each keeping its place in world space
+    normalization = Normalization.from_dict(spec.normalization)
+    halves = {c.case_id: load_case(spec, c, normalization) for c in spec.list_cases("train")}
+    first, second = halves["example_ct_sm_part1"], halves["example_ct_sm_part2"]
+    assert first.label.shape == (122, 101, 15) and second.label.shape == (122, 101, 15)
+    assert np.allclose(second.reference.affine[:3, 3], first.reference.affine[:3, 3] + [0, 0, 45.0])
     (files,) = spec.list_cases("test")
     case = load_case(spec, files, Normalization.from_dict(spec.normalization))
     source_image, source_label = (nib.load(src / name) for name in ("example_ct_sm.nii.gz", "example_seg.nii.gz"))
@@ -371,7 +374,7 @@ def test_synapse_ct_example_single_case(tmp_path):
     for source_id, synapse_id in {1: 1, 2: 2, 3: 3, 4: 4, 5: 5, 6: 6, 52: 7, 7: 8}.items():
         assert np.array_equal(case.label == synapse_id, source == source_id) and (source == source_id).any()
     assert not case.label[~np.isin(source, [1, 2, 3, 4, 5, 6, 7, 52])].any()
-    image = nib.load(tmp_path / "ct/imagesTr/example_ct_sm_0000.nii.gz")
+    image = nib.load(tmp_path / "ct/imagesTs/example_ct_sm_0000.nii.gz")
     assert np.array_equal(np.asarray(image.dataobj), np.asarray(source_image.dataobj))
 
 

@@ -70,7 +70,6 @@ class Split:
     val: tuple[str, ...]
     test: tuple[str, ...]
     method: str
-    coincide: bool = False  # a single-case dataset: train, val and test are the same case on purpose
 
     def counts(self) -> dict[str, int]:
         return {name: len(getattr(self, name)) for name in SPLIT_NAMES}
@@ -79,27 +78,24 @@ class Split:
         """The first ``limit`` cases (sorted by id) of each split; the split itself is unchanged."""
         if limit is None:
             return self
-        return Split(*(tuple(sorted(getattr(self, name))[:limit]) for name in SPLIT_NAMES), self.method, self.coincide)
+        return Split(*(tuple(sorted(getattr(self, name))[:limit]) for name in SPLIT_NAMES), self.method)
 
 
-def make_split(
-    train: Iterable[str], val: Iterable[str], test: Iterable[str], method: str, source: Path, *, coincide: bool = False
-) -> Split:
+def make_split(train: Iterable[str], val: Iterable[str], test: Iterable[str], method: str, source: Path) -> Split:
     """A checked split: every part non-empty, and disjoint (so no case is both trained on and tested)."""
-    split = Split(tuple(sorted(train)), tuple(sorted(val)), tuple(sorted(test)), method, coincide)
+    split = Split(tuple(sorted(train)), tuple(sorted(val)), tuple(sorted(test)), method)
     empty = [name for name in SPLIT_NAMES if not getattr(split, name)]
     if empty:
         raise DataError(
             f"{source}: too few cases for a train/val/test split ({split.counts()}): {', '.join(empty)} would be "
             "empty; the source holds fewer cases than this dataset's layout has"
         )
-    if not coincide:
-        for first, second in (("train", "val"), ("train", "test"), ("val", "test")):
-            shared = sorted(set(getattr(split, first)) & set(getattr(split, second)))
-            if shared:
-                raise DataError(
-                    f"{source}: case(s) {shared[:5]} are in both {first} and {second}; each case must be in one split"
-                )
+    for first, second in (("train", "val"), ("train", "test"), ("val", "test")):
+        shared = sorted(set(getattr(split, first)) & set(getattr(split, second)))
+        if shared:
+            raise DataError(
+                f"{source}: case(s) {shared[:5]} are in both {first} and {second}; each case must be in one split"
+            )
     return split
 
 
@@ -289,12 +285,7 @@ def write_dataset(
     if limit is not None:
         notes.append(f"limit={limit}: only the first {limit} case(s) of each split (by id) were written")
 
-    jobs = [
-        (split_name, case_id)
-        for split_name in SPLIT_NAMES
-        for case_id in getattr(kept, split_name)
-        if not (split_name == "val" and kept.coincide and case_id in kept.train)  # already in imagesTr
-    ]
+    jobs = [(split_name, case_id) for split_name in SPLIT_NAMES for case_id in getattr(kept, split_name)]
 
     def build(root: Path) -> None:
         def convert_one(job: tuple[str, str]) -> None:

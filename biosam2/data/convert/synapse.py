@@ -28,7 +28,9 @@ Split: TransUNet's. Test cases 1, 2, 3, 4, 8, 22, 25, 29, 32, 35, 36, 38; the 18
 layout (a) the split is given by the folder a case is in. Val is carved from the training cases:
 3 of them, with ``seed`` (:func:`seeded_partition`). Cases outside TransUNet's 30 (layout (b) with
 other data) are split among themselves with ``seed``, 40 % test (TransUNet's 12/30). Layout (c) has
-one case only: it is written as train AND test and is val too -- for pipeline checks, never accuracy.
+one case only: its first half of slices (``<id>_part1``) is the training case, the second half
+(``<id>_part2``, origin shifted so it stays in place in world space) the validation case, and the
+whole volume the test case -- which contains both halves: for pipeline checks, never accuracy.
 """
 
 from __future__ import annotations
@@ -229,6 +231,20 @@ def _load_nifti_case(image_path: Path, label_path: Path, source_labels: str) -> 
     return CaseData(image=image.array, label=mapped, source=label_path, reference=image)
 
 
+def _slab(case: CaseData, first_half: bool) -> CaseData:
+    """Half of a volume's slices (last axis), with the affine moved so each voxel keeps its world position."""
+    from biosam2.data.image_io import LoadedImage
+
+    depth = case.image.shape[2]
+    start, stop = (0, depth // 2) if first_half else (depth // 2, depth)
+    reference = case.reference
+    affine = reference.affine.copy()
+    affine[:3, 3] += affine[:3, 2] * start
+    image = np.ascontiguousarray(case.image[:, :, start:stop])
+    slab = LoadedImage(image, reference.path, reference.spacing, affine, reference.reference)
+    return CaseData(image=image, label=np.ascontiguousarray(case.label[:, :, start:stop]), source=case.source, reference=slab)
+
+
 def convert_synapse(
     src: Path,
     dst: Path,
@@ -246,7 +262,7 @@ def convert_synapse(
     src, dst = check_paths("synapse", src, dst, overwrite=overwrite, limit=limit)
     notes: list[str] = []
     normalization = {"scheme": "ct", "window": list(HU_WINDOW)}
-    coincide = False
+    single_case = False
     if (src / "train_npz").exists() or (src / "test_vol_h5").exists():
         layout, source_labels = TRANSUNET_LAYOUT, source_labels or "synapse"
         train_files, test_files = _transunet_source(src)
@@ -285,32 +301,38 @@ def convert_synapse(
                 f"source_labels auto-detected as {source_labels!r} (label id {TOTALSEGMENTATOR_AORTA} "
                 f"{'present' if source_labels == 'totalsegmentator' else 'absent'}); pass source_labels to override"
             )
-        train = val = test = [case]
-        coincide = True
-        method = "a single case: train, val and test are the same case (no split is possible)"
+        train, val, test = [f"{case}_part1"], [f"{case}_part2"], [case]
+        single_case = True
+        method = (
+            "a single case: train = its first half of slices, val = the second half, test = the whole volume "
+            "(which contains both: no honest split is possible)"
+        )
         notes.append(
-            "ONLY ONE CASE: train, val and test are the SAME case (written to imagesTr and imagesTs); use this "
-            "dataset for pipeline checks only, NEVER to report accuracy"
+            "ONLY ONE CASE: train and val are the two halves of its slices and test is the whole volume, so the "
+            "test case overlaps training; use this dataset for pipeline checks only, NEVER to report accuracy"
         )
         notes.append("affine and voxel spacing kept from the source NIfTI files (HD95 in mm)")
 
-        def load_case(case: str) -> CaseData:
-            return _load_nifti_case(image_path, label_path, source_labels)
+        def load_case(case_id: str) -> CaseData:
+            whole = _load_nifti_case(image_path, label_path, source_labels)
+            if case_id == case:
+                return whole
+            return _slab(whole, first_half=case_id.endswith("_part1"))
 
     else:
         raise DataError(
             f"{src}: not a Synapse source; expected {TRANSUNET_LAYOUT}, or {BTCV_LAYOUT}, or {SINGLE_LAYOUT}"
         )
 
-    split = make_split(train, val, test, method, src, coincide=coincide)
+    split = make_split(train, val, test, method, src)
     mapping = ", ".join(f"{s}->{d}" for s, d in SOURCE_LABEL_MAPS[source_labels].items())
     description = "Synapse multi-organ abdominal CT (BTCV), the 8 organs of TransUNet's benchmark"
     if layout == TRANSUNET_LAYOUT:
         description += (
             "; images preprocessed by TransUNet (window [-125, 275] HU scaled to [0, 1]), spacing unknown (1 mm)"
         )
-    if coincide:
-        description += "; ONE CASE ONLY, train = val = test: for pipeline checks, never for reporting accuracy"
+    if single_case:
+        description += "; ONE CASE ONLY, split into halves for train/val, whole for test: pipeline checks only, never accuracy"
     info = DatasetInfo(
         name="Synapse",
         description=description,
