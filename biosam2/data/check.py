@@ -77,10 +77,16 @@ def check_dataset(root: str | Path) -> DataReport:
 
 def _check_cases(spec: DatasetSpec, split: str, cases, report: DataReport) -> None:
     shapes, dtypes, spacings = [], Counter(), []
+    stated = (spec.normalization or {}).get("scheme")
     for files in cases:
         try:
             image, reference = read_case_image(spec, files)
             dtypes[str(image.dtype)] += 1
+            if stated == "uint8" and image.dtype != np.uint8:
+                report.problems.append(
+                    f"{reference.path}: {image.dtype} pixels but dataset.json states 8-bit normalisation; convert it "
+                    "to 8 bits or state \"normalization\": {\"scheme\": \"percentile\"}"
+                )
             shapes.append(reference.spatial_shape)
             spacings.append(reference.spacing)
         except DataError as error:
