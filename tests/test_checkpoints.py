@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
 import pytest
@@ -132,35 +131,3 @@ def test_truncated_official_checkpoint_is_reported(tmp_path):
     path.write_bytes(path.read_bytes()[: 4096])
     with pytest.raises(CheckpointError, match="truncated"):
         load_sam2("tiny", path)
-
-
-# ---- untrusted files ------------------------------------------------------------------------
-class _CreatesAFile:
-    """Unpickling this object would create ``marker``: proof that code ran."""
-
-    def __init__(self, marker: Path):
-        self.marker = marker
-
-    def __reduce__(self):
-        return (open, (str(self.marker), "w"))
-
-
-def test_malicious_official_checkpoint_is_refused_without_running_code(tmp_path):
-    marker = tmp_path / "pwned"
-    path = tmp_path / "sam2.1_hiera_tiny.pt"
-    torch.save({"model": {"x": torch.zeros(1)}, "payload": _CreatesAFile(marker)}, path)
-    with pytest.raises(CheckpointError, match="refused to load"):
-        load_sam2("tiny", path)
-    assert not marker.exists()
-
-
-def test_transformers_directory_with_only_a_pickle_is_refused_without_running_code(tmp_path):
-    marker = tmp_path / "pwned"
-    directory = tmp_path / "sam2"
-    Sam2Model(get_size("tiny").transformers_config()).save_pretrained(directory)
-    (directory / "model.safetensors").unlink()
-    with open(directory / "pytorch_model.bin", "wb") as stream:
-        pickle.dump(_CreatesAFile(marker), stream)
-    with pytest.raises(CheckpointError, match="safetensors"):
-        load_sam2("tiny", directory)
-    assert not marker.exists()
