@@ -103,6 +103,21 @@ def test_predict_cli_writes_label_maps_of_the_input_size(dataset, trained, tmp_p
         assert (out / "overlays" / f"{case}.png").exists()
 
 
+
+def test_batched_prediction_equals_one_image_at_a_time(trained, tmp_path):
+    from biosam2.data.image_io import write_image_png
+
+    run, _ = trained
+    rng = np.random.default_rng(5)
+    for i in range(3):  # equal sizes, so they are batched together
+        write_image_png(tmp_path / "in" / f"tile{i}.png", (rng.random((70, 90)) * 255).astype(np.uint8))
+    assert main(["predict", str(run), str(tmp_path / "in"), str(tmp_path / "batched"), "--batch-size", "8"]) == 0
+    assert main(["predict", str(run), str(tmp_path / "in"), str(tmp_path / "single"), "--batch-size", "1"]) == 0
+    for i in range(3):
+        batched, single = (read_label(tmp_path / f / f"tile{i}.png").array for f in ("batched", "single"))
+        assert np.array_equal(batched, single)
+
+
 def test_predict_never_writes_into_or_over_its_inputs(dataset, trained, capsys):
     run, _ = trained
     before = sorted(p.name for p in (dataset / "imagesTs").iterdir())

@@ -4,6 +4,7 @@
   cases and written as ``CASE.png``; other files keep their name (``scan.nii.gz`` -> ``scan.nii.gz``).
 - 2-D results are PNG label maps of the input's size; 3-D results are volumes in the input's format
   with exactly its affine, spacing and header.
+- Consecutive 2-D inputs of the same size are predicted in batches of ``batch_size``.
 - Optional: probabilities (``CASE_probabilities.npy`` for 2-D, a 4-D ``.nii.gz`` for volumes) and
   overlays (PNG).
 - The output folder may not be, or lie inside, an input folder, and no output may replace an input.
@@ -21,12 +22,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from biosam2.data.cases import channels_first
 from biosam2.data.image_io import IMAGE_2D_ENDINGS, NIFTI_ENDINGS, VOLUME_ENDINGS, LoadedImage, file_ending, read_image, write_like
 from biosam2.data.normalization import Normalization
 from biosam2.errors import ConfigError, DataError
-from biosam2.inference.predictor import Predictor
+from biosam2.inference.predictor import Predictor, compact_labels
 
 log = logging.getLogger("biosam2")
 _CHANNEL_FILE = re.compile(r"(.+)_(\d{4})$")
@@ -120,7 +122,26 @@ def predict_files(
     # a failure leaves no partial set of predictions that could pass for a complete one.
     staging = Path(tempfile.mkdtemp(prefix=".biosam2-predict-", dir=output))
     try:
-        written = []
+        written: list[Path] = []
+        pending: list[tuple[InputCase, LoadedImage, np.ndarray]] = []  # equal-size 2-D images, batched
+
+        def finish(case: InputCase, reference: LoadedImage, image: np.ndarray, labels: np.ndarray, probs) -> None:
+            destination = output_path(output, case, reference)
+            write_like(staging / destination.name, labels, reference)
+            written.append(destination)
+            if probabilities and probs is not None:
+                _write_probabilities(staging, case, reference, probs)
+            if overlays:
+                write_overlay(staging / "overlays" / f"{case.name}.png", image, None, labels)
+            log.info("%s -> %s", case.files[0], destination)
+
+        def flush() -> None:
+            if pending:
+                batch = torch.from_numpy(np.stack([image for _, _, image in pending]))
+                for (case, reference, image), probs in zip(pending, predictor.probabilities_2d(batch).numpy(), strict=True):
+                    finish(case, reference, image, compact_labels(probs.argmax(0)), probs)
+                pending.clear()
+
         for case in cases:
             raw, reference = load_input(case)
             destination = output_path(output, case, reference)
@@ -129,14 +150,14 @@ def predict_files(
             if destination.exists() and not overwrite:
                 raise ConfigError(f"{destination}: already exists; pass --overwrite or choose another output folder")
             image = normalization_for(raw, normalization, case.files[0]).apply(raw)
-            labels, probs = predictor.predict(image, return_probabilities=probabilities)
-            write_like(staging / destination.name, labels, reference)
-            written.append(destination)
-            if probabilities and probs is not None:
-                _write_probabilities(staging, case, reference, probs)
-            if overlays:
-                write_overlay(staging / "overlays" / f"{case.name}.png", image, None, labels)
-            log.info("%s -> %s", case.files[0], destination)
+            if reference.is_volume:  # slices are batched inside the predictor
+                labels, probs = predictor.predict(image, return_probabilities=probabilities)
+                finish(case, reference, image, labels, probs)
+                continue
+            if pending and (pending[0][2].shape != image.shape or len(pending) == batch_size):
+                flush()
+            pending.append((case, reference, image))
+        flush()
         for produced in sorted(staging.rglob("*")):
             if produced.is_file():
                 target = output / produced.relative_to(staging)

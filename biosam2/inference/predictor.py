@@ -4,14 +4,11 @@
   predicted in overlapping tiles blended with Gaussian weights (MONAI's sliding-window inference),
   which bounds memory whatever the image size.
 - 3-D volumes are predicted slice by slice (last axis), ``batch_size`` slices at a time.
-- Images of the same size are batched together.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
-
 import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
@@ -66,7 +63,7 @@ class Predictor:
         if image.ndim == 3:
             probabilities = self.probabilities_2d(torch.from_numpy(np.ascontiguousarray(image))[None])[0]
             labels = probabilities.argmax(0).numpy()
-            return _compact(labels), (probabilities.numpy() if return_probabilities else None)
+            return compact_labels(labels), (probabilities.numpy() if return_probabilities else None)
         slices = torch.from_numpy(np.ascontiguousarray(np.moveaxis(image, -1, 0)))  # (Z, C, X, Y)
         labels = np.empty(image.shape[1:], dtype=np.int64)
         probabilities = None
@@ -77,24 +74,9 @@ class Predictor:
                 if probabilities is None:
                     probabilities = np.empty((chunk.shape[1], *image.shape[1:]), dtype=np.float32)
                 probabilities[..., start : start + chunk.shape[0]] = np.moveaxis(chunk.numpy(), 0, -1)
-        return _compact(labels), probabilities
-
-    @torch.no_grad()
-    def predict_many(self, images: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """Label maps for many 2-D images, batching those of equal size."""
-        results: list[np.ndarray | None] = [None] * len(images)
-        by_shape: dict[tuple[int, ...], list[int]] = {}
-        for index, image in enumerate(images):
-            by_shape.setdefault(image.shape, []).append(index)
-        for indices in by_shape.values():
-            for start in range(0, len(indices), self.batch_size):
-                group = indices[start : start + self.batch_size]
-                batch = torch.from_numpy(np.stack([images[i] for i in group]))
-                labels = self.probabilities_2d(batch).argmax(1).numpy()
-                for i, label in zip(group, labels, strict=True):
-                    results[i] = _compact(label)
-        return results  # type: ignore[return-value]
+        return compact_labels(labels), probabilities
 
 
-def _compact(labels: np.ndarray) -> np.ndarray:
+def compact_labels(labels: np.ndarray) -> np.ndarray:
+    """Class ids in the smallest unsigned type that holds them (what label files are written with)."""
     return labels.astype(np.uint8 if labels.max(initial=0) < 256 else np.uint16)
