@@ -157,3 +157,20 @@ def test_cli_errors_are_one_line_without_traceback(tmp_path, capsys):
     assert main(["train", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run")]) == 2
     err = capsys.readouterr().err
     assert "dataset folder not found" in err and "Traceback" not in err
+
+
+def test_epoch_seeded_sampler_shards_one_permutation_across_processes():
+    from biosam2.data.training_data import EpochSeededSampler, ShardSampler
+
+    samplers = [EpochSeededSampler(10, seed=3, num_replicas=3, rank=r) for r in range(3)]
+    for epoch in (0, 1):
+        for sampler in samplers:
+            sampler.set_epoch(epoch)
+        shards = [list(s) for s in samplers]
+        assert all(len(shard) == 4 for shard in shards)  # 10 samples padded to 12
+        indices = [i for shard in shards for _, i in shard]
+        assert set(indices) == set(range(10)) and all(e == epoch for shard in shards for e, _ in shard)
+    first, second = EpochSeededSampler(10, seed=3), EpochSeededSampler(10, seed=3)
+    second.set_epoch(1)
+    assert [i for _, i in first] != [i for _, i in second]  # a new order every epoch
+    assert [list(ShardSampler(5, 2, r)) for r in range(2)] == [[0, 2, 4], [1, 3]]

@@ -58,12 +58,21 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 
 
 class EpochSeededSampler(Sampler):
-    """Shuffles with a permutation that depends only on (seed, epoch); yields ``(epoch, index)``."""
+    """Shuffles with a permutation that depends only on (seed, epoch); yields ``(epoch, index)``.
 
-    def __init__(self, num_samples: int, seed: int, shuffle: bool = True):
+    With several processes (multi-GPU), each takes every ``num_replicas``-th sample of the same
+    permutation (padded by wrapping around so that all take the same number of steps), as
+    ``DistributedSampler`` does; Lightning must then be told not to wrap it again.
+    """
+
+    def __init__(self, num_samples: int, seed: int, shuffle: bool = True, num_replicas: int = 1, rank: int = 0):
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank {rank} is outside 0..{num_replicas - 1}")
         self.num_samples = num_samples
         self.seed = seed
         self.shuffle = shuffle
+        self.num_replicas = num_replicas
+        self.rank = rank
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:  # Lightning calls this at the start of every epoch
@@ -73,10 +82,25 @@ class EpochSeededSampler(Sampler):
         order = np.arange(self.num_samples)
         if self.shuffle:
             order = np.random.default_rng([self.seed, self.epoch]).permutation(self.num_samples)
-        return iter((self.epoch, int(i)) for i in order)
+        total = len(self) * self.num_replicas
+        order = np.resize(order, total)  # wraps around to pad
+        return iter((self.epoch, int(i)) for i in order[self.rank : total : self.num_replicas])
 
     def __len__(self) -> int:
-        return self.num_samples
+        return -(-self.num_samples // self.num_replicas)
+
+
+class ShardSampler(Sampler):
+    """Every ``num_replicas``-th item from ``rank`` on, unpadded: each validation case is seen once."""
+
+    def __init__(self, num_items: int, num_replicas: int = 1, rank: int = 0):
+        self.indices = list(range(rank, num_items, num_replicas))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
 
 
 class SliceDataset(Dataset):

@@ -32,18 +32,17 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
-from torch.utils.data import DataLoader
 
 from biosam2.atomic_io import atomic_output, atomic_write_json, atomic_write_text
 from biosam2.data.cases import Case, load_case, resolve_normalization
 from biosam2.data.dataset_format import CaseFiles, DatasetSpec, load_dataset_spec
 from biosam2.data.image_io import IMAGE_2D_ENDINGS, write_like
 from biosam2.data.normalization import Normalization
-from biosam2.data.training_data import CaseDataset, EpochSeededSampler, SliceDataset, collate_cases
 from biosam2.errors import CheckpointError, ConfigError, DataError
 from biosam2.inference.predictor import Predictor
 from biosam2.model.factory import build_model, count_parameters
 from biosam2.training.config import TrainConfig
+from biosam2.training.data_module import SegmentationData
 from biosam2.training.module import SegmentationModule
 from biosam2.training.plots import plot_learning_curves, write_overlay
 
@@ -201,16 +200,7 @@ def train(
     model.set_gradient_checkpointing(config.gradient_checkpointing)
     module = SegmentationModule(model, config, spec.class_names)
 
-    train_set = SliceDataset(train_cases, config.patch_size, config.input_mode, config.augment, seed=config.seed)
-    loader_options = {"num_workers": config.num_workers, "persistent_workers": config.num_workers > 0}
-    train_loader = DataLoader(
-        train_set,
-        batch_size=config.batch_size,
-        sampler=EpochSeededSampler(len(train_set), config.seed),
-        drop_last=len(train_set) > config.batch_size,  # no 1-sample batches for the LW adapters' BatchNorm
-        **loader_options,
-    )
-    val_loader = DataLoader(CaseDataset(val_cases), batch_size=1, collate_fn=collate_cases)
+    data_module = SegmentationData(train_cases, val_cases, config)
 
     best = ModelCheckpoint(dirpath=run / "checkpoints", filename="best", monitor="val/mIoU", mode="max", save_top_k=1, enable_version_counter=False)
     latest = ModelCheckpoint(dirpath=run / "checkpoints", filename="last", save_top_k=1, every_n_epochs=1, save_on_train_epoch_end=True, enable_version_counter=False)
@@ -226,6 +216,7 @@ def train(
         + ([TQDMProgressBar(refresh_rate=1)] if progress_bar else []),
         plugins=[AtomicCheckpointIO()],
         check_val_every_n_epoch=config.val_every,
+        use_distributed_sampler=False,  # our samplers shard across processes themselves
         limit_train_batches=config.limit_train_batches,
         log_every_n_steps=1,
         num_sanity_val_steps=0,
@@ -239,7 +230,7 @@ def train(
         warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")
         warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")
         try:
-            trainer.fit(module, train_loader, val_loader, ckpt_path=str(last) if resume else None, weights_only=True)
+            trainer.fit(module, datamodule=data_module, ckpt_path=str(last) if resume else None, weights_only=True)
         except SystemExit:  # Lightning turns Ctrl-C into a graceful shutdown and sys.exit(1)
             if trainer.interrupted:
                 raise KeyboardInterrupt from None
