@@ -166,6 +166,7 @@ def test_acdc_h5_real_rebuilds_volumes(tmp_path):
     assert any("1 mm" in note and "voxels" in note for note in summary.notes)
     spec = check_dataset(tmp_path / "acdc", summary.full_counts, summary.counts)
     assert "1 mm" in spec.raw["description"] and spec.labels == {"background": 0, "RV": 1, "myocardium": 2, "LV": 3}
+    assert not spec.spacing_known  # evaluations of this dataset report HD95 in voxels
     (fold,) = json.loads((tmp_path / "acdc" / SPLITS_JSON).read_text())
     val_list = (src / "val.list").read_text().split()
     assert set(fold["val"]) <= set(val_list) and not set(fold["train"]) & set(val_list)
@@ -286,6 +287,7 @@ def test_synapse_transunet_layout(tmp_path):
     assert summary.counts == {"train": 2, "val": 3, "test": 2}
     spec = check_dataset(tmp_path / "out", summary.counts, summary.counts)
     assert spec.normalization == {"scheme": "ct", "window": [0.0, 1.0]} and spec.channel_names == {"0": "CT"}
+    assert not spec.spacing_known
     assert spec.labels["aorta"] == 7 and spec.labels["pancreas"] == 8 and len(spec.labels) == 9
     assert any("voxels" in note for note in summary.notes)
     (fold,) = json.loads((tmp_path / "out" / SPLITS_JSON).read_text())

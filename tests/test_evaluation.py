@@ -294,6 +294,9 @@ def test_evaluate_nifti_folders_in_millimetres(tmp_path):
     assert result.hd95_unit == "mm"
     assert result.hd95_mean["organ"] == pytest.approx(3.0)
     assert result.dice_mean["organ"] == pytest.approx(2 / 3)
+    # stand-in spacing (dataset.json "spacing": "unknown"): the same shift is 1 voxel, said as voxels
+    in_voxels = evaluate_folders(tmp_path / "pred", tmp_path / "gt", labels={"background": 0, "organ": 1}, spacing_known=False)
+    assert in_voxels.hd95_unit == "voxels" and in_voxels.hd95_mean["organ"] == pytest.approx(1.0)
 
 
 def test_classes_are_inferred_without_labels_or_dataset_json(tmp_path):

@@ -4,7 +4,9 @@
 
     DATASET/
       dataset.json          channel_names, labels (name -> id, 0 = background, consecutive),
-                            file_ending, numTraining; optional "normalization" (see normalization.py)
+                            file_ending, numTraining; optional "normalization" (see normalization.py),
+                            optional "spacing": "unknown" when the files' voxel sizes are stand-ins
+                            (distances such as HD95 are then reported in voxels, not mm)
       splits_final.json     [{"train": [case, ...], "val": [case, ...]}, ...]: one entry per fold
       imagesTr/CASE_0000.png    (one file per channel: _0000, _0001, ...; an RGB image is one file)
       labelsTr/CASE.png
@@ -69,6 +71,11 @@ class DatasetSpec:
     @property
     def class_names(self) -> list[str]:
         return [name for name, _ in sorted(self.labels.items(), key=lambda item: item[1])]
+
+    @property
+    def spacing_known(self) -> bool:
+        """False when dataset.json says the voxel sizes in the files are stand-ins (e.g. 1 mm)."""
+        return self.raw.get("spacing") != "unknown"
 
     @property
     def is_volumetric(self) -> bool:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from biosam2.data.dataset_format import DATASET_JSON, load_dataset_spec
+from biosam2.data.dataset_format import DATASET_JSON, DatasetSpec, load_dataset_spec
 from biosam2.data.image_io import IMAGE_2D_ENDINGS, VOLUME_ENDINGS, LoadedImage, file_ending, read_label, same_geometry
 from biosam2.errors import ConfigError, DataError
 from biosam2.evaluation.metrics import Evaluator
@@ -57,13 +57,12 @@ def _class_names_from(labels: dict[str, int]) -> list[str]:
     return [name for name, _ in sorted(labels.items(), key=lambda item: item[1])]
 
 
-def _resolve_class_names(labels: dict[str, int] | None, dataset: Path | None, ground_truth: Path) -> list[str] | None:
-    if labels is not None:
-        return _class_names_from(labels)
+def _dataset_spec(dataset: Path | None, ground_truth: Path) -> DatasetSpec | None:
+    """The dataset given, or the one the ground-truth folder sits in (DATA/labelsTs), if any."""
     if dataset is not None:
-        return load_dataset_spec(dataset).class_names
+        return load_dataset_spec(dataset)
     if (ground_truth.parent / DATASET_JSON).is_file():
-        return load_dataset_spec(ground_truth.parent).class_names
+        return load_dataset_spec(ground_truth.parent)
     return None
 
 
@@ -83,12 +82,15 @@ def evaluate_folders(
     *,
     labels: dict[str, int] | None = None,
     dataset: str | Path | None = None,
+    spacing_known: bool | None = None,
 ) -> EvaluationResult:
     """Score every ground-truth case against the prediction of the same case id.
 
     ``labels`` (name -> id) or ``dataset`` (a folder with dataset.json) name the classes; see the
-    module docstring for the fallbacks. Raises :class:`DataError` naming the file(s) on a missing
-    prediction, a geometry mismatch, or a label value outside the classes.
+    module docstring for the fallbacks. HD95 is in mm for volumes unless ``spacing_known`` is False
+    or the dataset.json says ``"spacing": "unknown"`` (stand-in 1 mm voxels): then in voxels.
+    Raises :class:`DataError` naming the file(s) on a missing prediction, a geometry mismatch, or a
+    label value outside the classes.
     """
     predictions, ground_truth = Path(predictions), Path(ground_truth)
     gt_files = _list_label_files(ground_truth, "ground-truth")
@@ -104,7 +106,10 @@ def evaluate_folders(
         )
     ignored = sorted(set(pred_files) - set(gt_files))
 
-    class_names = _resolve_class_names(labels, Path(dataset) if dataset is not None else None, ground_truth)
+    spec = _dataset_spec(Path(dataset) if dataset is not None else None, ground_truth)
+    class_names = _class_names_from(labels) if labels is not None else (spec.class_names if spec else None)
+    if spacing_known is None:
+        spacing_known = spec.spacing_known if spec else True
     if class_names is None:
         # inferred: one extra pass over the files, to know the number of classes before counting
         paths = [path for case_id in gt_files for path in (gt_files[case_id], pred_files[case_id])]
@@ -124,7 +129,7 @@ def evaluate_folders(
         _check_values(prediction, len(class_names), "prediction")
         try:
             evaluator.add_case(
-                case_id, prediction.array, truth.array, spacing=truth.spacing if truth.is_volume else None
+                case_id, prediction.array, truth.array, spacing=truth.spacing if truth.is_volume and spacing_known else None
             )
         except ValueError as error:
             raise DataError(f"{prediction.path} and {truth.path}: {error}") from None

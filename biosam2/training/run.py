@@ -306,7 +306,7 @@ def evaluate_split(predictor: Predictor, spec: DatasetSpec, cases: list[CaseFile
         case: Case = load_case(spec, files, normalization, with_label=False)
         labels, _ = predictor.predict(case.image)
         write_like(prediction_path(folder, case.case_id, spec), labels, case.reference)
-    result = evaluate_folders(folder, spec.root / "labelsTs", labels=spec.labels)
+    result = evaluate_folders(folder, spec.root / "labelsTs", labels=spec.labels, spacing_known=spec.spacing_known)
     result.write_json(run / "evaluation.json")
     result.write_markdown(run / "evaluation.md")
     return json.loads(json.dumps(_headline(result)))

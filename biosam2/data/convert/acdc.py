@@ -205,5 +205,6 @@ def convert_acdc(
             "labels": "unchanged: 0 background, 1 RV, 2 myocardium, 3 LV",
             **({"spacing": "unknown, written as 1 mm (identity affine)"} if layout == H5_LAYOUT else {}),
         },
+        spacing_known=layout != H5_LAYOUT,
     )
     return write_dataset(src, dst, info=info, split=split, load_case=load_case, seed=seed, limit=limit, notes=notes)

@@ -266,6 +266,7 @@ class DatasetInfo:
     file_ending: str
     source: dict[str, str]  # dataset, reference, layout
     normalization: dict[str, Any] | None = None
+    spacing_known: bool = True  # False: written with a 1 mm stand-in; evaluations then report voxels
 
 
 def write_dataset(
@@ -304,6 +305,8 @@ def write_dataset(
         extra: dict[str, Any] = {}
         if info.normalization is not None:
             extra["normalization"] = info.normalization
+        if not info.spacing_known:
+            extra["spacing"] = "unknown"
         extra["source"] = info.source
         extra["split"] = {
             "method": split.method,

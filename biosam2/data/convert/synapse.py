@@ -347,5 +347,6 @@ def convert_synapse(
             "labels": f"source_labels={source_labels}: {mapping}, "
             + ("other ids refused" if source_labels == "synapse" else "other ids -> 0"),
         },
+        spacing_known=layout != TRANSUNET_LAYOUT,
     )
     return write_dataset(src, dst, info=info, split=split, load_case=load_case, seed=seed, limit=limit, notes=notes)
