@@ -6,6 +6,7 @@
     biosam2 train DATA --out RUN          train, select on validation, evaluate on test
     biosam2 predict RUN INPUT OUT         label maps for a file, folder or volume
     biosam2 evaluate PRED GT              mIoU / Dice / HD95 of predictions against ground truth
+    biosam2 bench efficiency|accuracy     the efficiency table; the accuracy/ablation grid
 
 Errors in the user's input are printed as one message (no traceback unless ``--debug``) and the
 command exits with status 2; an interrupted command exits with 130.
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from biosam2.errors import BioSAM2Error
+from biosam2.options import ADAPTERS, BENCHMARKS, LOSSES, POSITIONAL_ENCODINGS, PRECISIONS, SAM2_SIZE_NAMES
 
 log = logging.getLogger("biosam2")
 
@@ -139,14 +141,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # ---- parser -------------------------------------------------------------------------------------
 def _add_train_options(parser: argparse.ArgumentParser) -> None:
-    from biosam2.model.config import ADAPTERS
-    from biosam2.training.config import LOSSES, PRECISIONS
-
     model = parser.add_argument_group("model")
-    model.add_argument("--size", choices=["tiny", "small", "base-plus", "large"], help="SAM2 size (default tiny)")
+    model.add_argument("--size", choices=SAM2_SIZE_NAMES, help="SAM2 size (default tiny)")
     model.add_argument("--weights", help="SAM2 weights: hf, meta, a hub id, a transformers folder or sam2.1_hiera_*.pt (default: random, with a warning)")
     model.add_argument("--adapter", choices=ADAPTERS, help="where training happens (default hp)")
-    model.add_argument("--pos-encoding", dest="pos_encoding", choices=["peg", "sam2"], help="positional encoding (default peg)")
+    model.add_argument("--pos-encoding", dest="pos_encoding", choices=POSITIONAL_ENCODINGS, help="positional encoding (default peg)")
     model.add_argument("--adapter-ratio", dest="adapter_ratio", type=float, help="bottleneck width / block width (default 0.25)")
     model.add_argument("--adapter-scale", dest="adapter_scale", type=float, help="adapter branch weight (default 0.5)")
     model.add_argument("--adapter-blocks", dest="adapter_blocks", type=lambda s: [int(v) for v in s.split(",")], help="comma-separated Hiera block indices (default all)")
@@ -232,7 +231,27 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--dataset", help="dataset folder whose dataset.json names the classes")
     evaluate.add_argument("--out", help="output folder (default: PRED-evaluation beside PRED)")
     evaluate.set_defaults(handler=cmd_evaluate)
+    bench = commands.add_parser(
+        "bench",
+        help="benchmarks: efficiency table, accuracy/ablation grid",
+        description="biosam2 bench efficiency: parameters, MACs, latency and memory of every variant side by side. "
+        "biosam2 bench accuracy: a grid of methods x datasets x seeds through the training pipeline. "
+        "`biosam2 bench BENCHMARK -h` lists each one's options.",
+    )
+    bench.add_argument("benchmark", choices=BENCHMARKS)
+    bench.add_argument("options", nargs=argparse.REMAINDER, help="the benchmark's own options")
+    bench.set_defaults(handler=cmd_bench)
     return parser
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    """The benchmark modules define their own options; they are imported only when asked for."""
+    import importlib
+
+    module = importlib.import_module(f"biosam2.bench.{args.benchmark}")
+    parser = argparse.ArgumentParser(prog=f"biosam2 bench {args.benchmark}", description=module.__doc__.split("\n\n")[0])
+    module.configure_parser(parser)
+    return module.run_from_args(parser.parse_args(args.options))
 
 
 def _version() -> str:
@@ -242,6 +261,10 @@ def _version() -> str:
 
 
 def _quiet_third_party_logging() -> None:
+    """Lightning's banner and tips are noise on the command line. Lightning sets its loggers' levels
+    when it is imported, so it is imported first and quietened after."""
+    import lightning  # noqa: F401
+
     for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning", "transformers"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*litlogger.*")
@@ -253,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    _quiet_third_party_logging()
+    if args.command in ("train", "demo", "bench"):
+        _quiet_third_party_logging()
     try:
         return args.handler(args)
     except BioSAM2Error as error:
@@ -271,5 +295,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
-if __name__ == "__main__":
+def console_main() -> None:
+    """The ``biosam2`` executable: :func:`main` with warnings shown as one line each."""
+    if "--debug" not in sys.argv:
+        warnings.showwarning = lambda message, category, *_: print(f"warning: {message}", file=sys.stderr)
     sys.exit(main())
+
+
+if __name__ == "__main__":
+    console_main()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -144,10 +145,12 @@ def test_model_from_the_run_loads_through_the_public_api(trained):
     assert model.num_classes == 4 and model.config.reparameterized
 
 
-@pytest.mark.parametrize("command", ["demo", "convert", "check-data", "train", "predict", "evaluate"])
+@pytest.mark.parametrize(
+    "command", [["demo"], ["convert"], ["check-data"], ["train"], ["predict"], ["evaluate"], ["bench"], ["bench", "efficiency"], ["bench", "accuracy"]]
+)
 def test_every_command_answers_help(command, capsys):
     with pytest.raises(SystemExit) as exit_:
-        main([command, "-h"])
+        main([*command, "-h"])
     assert exit_.value.code == 0
     assert "usage: biosam2" in capsys.readouterr().out
 
@@ -174,3 +177,24 @@ def test_epoch_seeded_sampler_shards_one_permutation_across_processes():
     second.set_epoch(1)
     assert [i for _, i in first] != [i for _, i in second]  # a new order every epoch
     assert [list(ShardSampler(5, 2, r)) for r in range(2)] == [[0, 2, 4], [1, 3]]
+
+
+def test_a_fixed_input_size_model_trains_on_images_resized_to_that_size():
+    """G-SAM's ISBI recipe: resize 512 -> 256, then 128-px crops: crops must show the resized scale."""
+    from biosam2.data.cases import Case
+    from biosam2.data.image_io import LoadedImage
+    from biosam2.data.training_data import SliceDataset
+
+    label = np.zeros((512, 512), np.int64)
+    label[:, 256:] = 1  # left half background, right half class 1
+    reference = LoadedImage(np.zeros((512, 512), np.uint8), Path("c.png"), (1.0, 1.0))
+    case = Case("c", np.zeros((1, 512, 512), np.float32), label, reference)
+    native = SliceDataset([case], patch_size=128, augment=False)
+    resized = SliceDataset([case], patch_size=128, augment=False, resize_to=256)
+
+    def straddling(dataset) -> int:  # crops that contain both classes, over 40 epochs' random crops
+        return sum(len(np.unique(dataset[(epoch, 0)][1].numpy())) == 2 for epoch in range(40))
+
+    assert resized[(0, 0)][0].shape == (1, 128, 128)
+    # a 128-px crop of the 256-px image almost always straddles the middle; of the 512-px one, a third do
+    assert straddling(resized) >= 36 and straddling(native) <= 24

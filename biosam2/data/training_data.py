@@ -23,9 +23,16 @@ from biosam2.data.cases import Case
 IGNORE_INDEX = 255  # label of pixels that padding or rotation brought in from outside the image
 
 
-def build_augmentation(patch_size: int, input_mode: str, augment: bool) -> A.Compose:
-    """Flips, rotations, scaling, intensity changes, then the crop (or resize) to ``patch_size``."""
+def build_augmentation(patch_size: int, input_mode: str, augment: bool, resize_to: int | None = None) -> A.Compose:
+    """Flips, rotations, scaling, intensity changes, then the crop (or resize) to ``patch_size``.
+
+    ``resize_to``: a model that squashes its inputs to a fixed square (``input_size``) must train at
+    that scale too, so every image is first resized to it (e.g. G-SAM's ISBI recipe: resize to 256,
+    then 128-px crops).
+    """
     steps: list[A.BasicTransform] = []
+    if resize_to is not None:
+        steps.append(A.Resize(resize_to, resize_to, interpolation=cv2.INTER_LINEAR, mask_interpolation=cv2.INTER_NEAREST))
     if augment:
         steps += [
             A.HorizontalFlip(p=0.5),
@@ -106,12 +113,20 @@ class ShardSampler(Sampler):
 class SliceDataset(Dataset):
     """Every 2-D image, and every slice of every volume, of the training cases, augmented."""
 
-    def __init__(self, cases: Sequence[Case], patch_size: int, input_mode: str = "crop", augment: bool = True, seed: int = 0):
+    def __init__(
+        self,
+        cases: Sequence[Case],
+        patch_size: int,
+        input_mode: str = "crop",
+        augment: bool = True,
+        seed: int = 0,
+        resize_to: int | None = None,
+    ):
         self.cases = list(cases)
         self.samples = [
             (c, z) for c, case in enumerate(self.cases) for z in (range(case.image.shape[-1]) if case.is_volume else [None])
         ]
-        self.transform = build_augmentation(patch_size, input_mode, augment)
+        self.transform = build_augmentation(patch_size, input_mode, augment, resize_to)
         self.seed = seed
 
     def __len__(self) -> int:

@@ -6,12 +6,8 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from biosam2.errors import ConfigError
-from biosam2.model.positional_encoding import POSITIONAL_ENCODINGS
 from biosam2.model.sam2_sizes import get_size
-
-# Where trainable parameters go. "none" trains the PEG (if any) and the class heads only;
-# "full" also unfreezes SAM2's image encoder and mask decoder (a baseline).
-ADAPTERS = ("hp", "lw", "none", "adaptformer", "lora", "full")
+from biosam2.options import ADAPTERS, POSITIONAL_ENCODINGS
 
 
 @dataclass

@@ -38,5 +38,3 @@ class Sam2AbsolutePositionalEncoding(nn.Module):
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         return tokens + self._backbone[0]._get_pos_embed(tokens.shape[1:3]).to(tokens.dtype)
 
-
-POSITIONAL_ENCODINGS = ("peg", "sam2")

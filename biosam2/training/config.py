@@ -10,9 +10,7 @@ import yaml
 
 from biosam2.errors import ConfigError
 from biosam2.model.config import ModelConfig
-
-LOSSES = ("ce", "dice_ce")
-PRECISIONS = ("auto", "32", "bf16-mixed", "16-mixed")
+from biosam2.options import LOSSES, PRECISIONS
 
 @dataclass
 class TrainConfig:
@@ -26,7 +24,7 @@ class TrainConfig:
     adapter_blocks: list[int] | None = None
     lora_rank: int = 8
     lora_alpha: float = 8.0
-    input_size: int | None = None
+    input_size: int | None = None  # resize every image to this square (model and training data alike)
     # optimisation: Adam, lr 1e-4, cosine to 0, 200 epochs, batch 8, cross-entropy (the paper's/G-SAM's)
     epochs: int = 200
     batch_size: int = 8
@@ -53,6 +51,7 @@ class TrainConfig:
     evaluate_test: bool = True  # predict and evaluate the test split at the end
 
     def __post_init__(self) -> None:
+        self._check_types()
         if self.loss not in LOSSES:
             raise ConfigError(f"loss={self.loss!r}: choose one of {', '.join(LOSSES)}")
         if self.precision not in PRECISIONS:
@@ -65,6 +64,27 @@ class TrainConfig:
         if self.lr <= 0:
             raise ConfigError(f"lr={self.lr}: must be positive")
         self.model_config(num_classes=2)  # validates the model options early, with their names
+
+    def _check_types(self) -> None:
+        """Numbers, flags and names of the right kind, each error naming its option (YAML is untyped)."""
+        for item in fields(self):
+            value, kind = getattr(self, item.name), str(item.type)
+            if value is None and "None" in kind:
+                continue
+            if kind.startswith("bool"):
+                ok = isinstance(value, bool)
+            elif kind.startswith("int"):
+                ok = isinstance(value, int) and not isinstance(value, bool)
+            elif kind.startswith("float"):
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            elif kind.startswith("str"):
+                ok = isinstance(value, str)
+            elif kind.startswith("list[int]"):
+                ok = isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+            else:  # "Any" (devices): Lightning validates it
+                ok = True
+            if not ok:
+                raise ConfigError(f"{item.name}={value!r}: expected {kind.replace(' | None', ' or null')}")
 
     def model_options(self) -> dict[str, Any]:
         names = {f.name for f in fields(ModelConfig)} - {"num_classes", "reparameterized", "extra"}

@@ -18,7 +18,9 @@ class SegmentationData(L.LightningDataModule):
     def __init__(self, train_cases: Sequence[Case], val_cases: Sequence[Case], config: TrainConfig):
         super().__init__()
         self.config = config
-        self.train_set = SliceDataset(train_cases, config.patch_size, config.input_mode, config.augment, seed=config.seed)
+        self.train_set = SliceDataset(
+            train_cases, config.patch_size, config.input_mode, config.augment, seed=config.seed, resize_to=config.input_size
+        )
         self.val_set = CaseDataset(val_cases)
 
     def _replicas(self) -> tuple[int, int]:
