@@ -6,13 +6,13 @@ import json
 
 import pytest
 import torch
+from test_adapters import make_adapters_matter, randomise_batch_norms
 from transformers import Sam2Model
 
 import biosam2
 from biosam2.errors import CheckpointError
 from biosam2.model.artifact import CONFIG_FILE, WEIGHTS_FILE
 from biosam2.model.sam2_sizes import get_size
-from test_adapters import make_adapters_matter, randomise_batch_norms
 
 
 def perturb_trainable(model: torch.nn.Module) -> None:

@@ -15,13 +15,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import write_official_checkpoint
 from PIL import Image
 
 import biosam2
 from biosam2.cli import main
 from biosam2.data.image_io import write_image_png, write_label_png, write_volume
 from biosam2.data.synthetic import write_synthetic_dataset
-from conftest import write_official_checkpoint
 
 
 # ---- builders ------------------------------------------------------------------------------------

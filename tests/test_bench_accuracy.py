@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import SHARED_DATA
 
 from biosam2.bench import accuracy
 from biosam2.bench.accuracy import (
@@ -33,8 +34,6 @@ from biosam2.bench.accuracy import (
 )
 from biosam2.errors import ConfigError
 from biosam2.training.config import TrainConfig
-
-from conftest import SHARED_DATA
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -513,7 +512,7 @@ def test_gpu_workers_run_cells_in_separate_processes(tiny_grid, monkeypatch, tmp
     assert outcomes["cells_trained"] == 2
 
 
-def test_a_converted_dataset_is_made_once_and_reused(tmp_path):
+def test_a_converted_dataset_is_made_once_and_reused(tmp_path, monkeypatch):
     source = SHARED_DATA / "isbi2012"
     if not source.exists():
         pytest.skip(f"{source} is not available (real data lives in ../shared beside the repository)")
@@ -530,6 +529,12 @@ def test_a_converted_dataset_is_made_once_and_reused(tmp_path):
     changed = load_grid(write_grid(tmp_path, payload))
     with pytest.raises(ConfigError, match="converted with .*delete"):
         accuracy.prepare_dataset(changed.datasets["isbi"], out)
+    # ... and so is a copy made by a converter that has changed since
+    import biosam2.data.convert
+
+    monkeypatch.setattr(biosam2.data.convert, "CONVERTER_FORMAT_VERSION", biosam2.data.convert.CONVERTER_FORMAT_VERSION + 1)
+    with pytest.raises(ConfigError, match="format_version.*delete"):
+        accuracy.prepare_dataset(grid.datasets["isbi"], out)
 
 
 def test_cpu_smoke_grid_lists_its_cells_on_the_shared_data(tmp_path, capsys):

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-
 import pytest
 import safetensors.torch
 import torch
+from conftest import official_keys, write_official_checkpoint
 from transformers import Sam2Model, Sam2VideoConfig, Sam2VideoModel
 
 import biosam2
@@ -13,7 +13,6 @@ from biosam2.errors import CheckpointError
 from biosam2.model.official_checkpoint import VIDEO_ONLY_PREFIXES, convert_official_state_dict
 from biosam2.model.sam2_sizes import get_size
 from biosam2.model.sam2_weights import load_sam2
-from conftest import official_keys, write_official_checkpoint
 
 
 def assert_same_weights(model: torch.nn.Module, reference: dict[str, torch.Tensor]) -> None:

@@ -63,9 +63,9 @@ def resume_checkpoint(tmp: Path, marker: Path) -> None:
 
 
 def synapse_npz(tmp: Path, marker: Path) -> None:
-    from biosam2.data.convert import convert_dataset
-
     import h5py
+
+    from biosam2.data.convert import convert_dataset
 
     source = tmp / "synapse"
     (source / "train_npz").mkdir(parents=True)

@@ -45,6 +45,10 @@ from typing import Any
 
 import torch
 
+# kineto (behind torch.profiler, used below for CPU peak memory) logs a "gpuGetDeviceCount failed"
+# ERROR on machines without a GPU; it is harmless and alarms users. Read at the profiler's first use.
+os.environ.setdefault("KINETO_LOG_LEVEL", "5")
+
 
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":

@@ -25,7 +25,15 @@ import numpy as np
 import torch
 
 from biosam2.data.cases import channels_first
-from biosam2.data.image_io import IMAGE_2D_ENDINGS, NIFTI_ENDINGS, VOLUME_ENDINGS, LoadedImage, file_ending, read_image, write_like
+from biosam2.data.image_io import (
+    IMAGE_2D_ENDINGS,
+    NIFTI_ENDINGS,
+    VOLUME_ENDINGS,
+    LoadedImage,
+    file_ending,
+    read_image,
+    write_like,
+)
 from biosam2.data.normalization import Normalization
 from biosam2.errors import ConfigError, DataError
 from biosam2.inference.predictor import Predictor, compact_labels

@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import contextlib
+
 import numpy as np
 import torch
 from monai.inferers import sliding_window_inference

@@ -27,6 +27,7 @@ from biosam2.errors import CheckpointError
 from biosam2.model.official_checkpoint import convert_official_state_dict, read_official_checkpoint
 from biosam2.model.sam2_sizes import Sam2Size, get_size, identify_size
 
+
 class RandomWeightsWarning(UserWarning):
     """The SAM2 backbone is randomly initialised: accuracy will not be representative."""
 

@@ -12,6 +12,7 @@ from biosam2.errors import ConfigError
 from biosam2.model.config import ModelConfig
 from biosam2.options import LOSSES, PRECISIONS
 
+
 @dataclass
 class TrainConfig:
     # model (see biosam2.build_model)

@@ -141,9 +141,8 @@ def _loggers(run: Path) -> list:
     # A new version_N folder per attempt: resuming must not erase the history of earlier attempts.
     loggers: list = [CSVLogger(save_dir=str(run), name="logs")]
     try:
-        from lightning.pytorch.loggers import TensorBoardLogger
-
         import tensorboard  # noqa: F401  (optional)
+        from lightning.pytorch.loggers import TensorBoardLogger
 
         loggers.append(TensorBoardLogger(save_dir=str(run), name="tensorboard"))
     except ImportError:

@@ -39,8 +39,14 @@ class ConvertSource:
 
     def identity(self) -> dict[str, Any]:
         """What makes two conversions the same data; ``src`` is left out so that moving the source
-        folder (another ``--data-root``) does not force a reconversion of identical files."""
-        return {"name": self.name, "limit": self.limit, "seed": self.seed, "options": self.options}
+        folder (another ``--data-root``) does not force a reconversion of identical files; the
+        converters' format version is in, so that a converter that changed does."""
+        from biosam2.data.convert import CONVERTER_FORMAT_VERSION
+
+        return {
+            "name": self.name, "limit": self.limit, "seed": self.seed, "options": self.options,
+            "format_version": CONVERTER_FORMAT_VERSION,
+        }
 
 
 @dataclass(frozen=True)
