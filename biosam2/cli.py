@@ -135,7 +135,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from biosam2.demo import run_demo
 
-    run_demo(Path(args.out), epochs=args.epochs, adapter=args.adapter, progress_bar=not args.no_progress)
+    epochs = {} if args.epochs is None else {"epochs": args.epochs}
+    run_demo(Path(args.out), adapter=args.adapter, progress_bar=not args.no_progress, **epochs)
     return 0
 
 
@@ -185,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="the whole workflow on built-in synthetic data (CPU, a few minutes)")
     demo.add_argument("--out", default="biosam2-demo", help="output folder (a fresh one is made if it exists)")
-    demo.add_argument("--epochs", type=int, default=12)
+    demo.add_argument("--epochs", type=int, default=None, help="training epochs (default 40)")
     demo.add_argument("--adapter", default="lw", choices=["hp", "lw"])
     demo.add_argument("--no-progress", action="store_true")
     demo.set_defaults(handler=cmd_demo)

@@ -26,7 +26,13 @@ def fresh_folder(path: Path) -> Path:
     return candidate
 
 
-def run_demo(out: Path, *, epochs: int = 12, adapter: str = "lw", progress_bar: bool = True) -> Path:
+# 40 epochs of 4 steps with Adam 3e-3 and Dice+CE: from the random backbone this learns all three
+# foreground classes (test mIoU ~0.64) in about 80 s of training on 2 cores; with 12 epochs, or plain
+# cross-entropy at 1e-3, the thin "fibre" and small "nucleus" classes stay at zero.
+DEMO_EPOCHS = 40
+
+
+def run_demo(out: Path, *, epochs: int = DEMO_EPOCHS, adapter: str = "lw", progress_bar: bool = True) -> Path:
     from biosam2.data.normalization import Normalization
     from biosam2.evaluation import evaluate_folders
     from biosam2.inference.predict_files import predict_files
@@ -42,7 +48,8 @@ def run_demo(out: Path, *, epochs: int = 12, adapter: str = "lw", progress_bar: 
         raise DataError(f"{data}: the generated dataset failed its check")
 
     config = TrainConfig(
-        size="tiny", adapter=adapter, epochs=epochs, batch_size=4, lr=1e-3, patch_size=128, num_workers=0, overlays=4
+        size="tiny", adapter=adapter, epochs=epochs, batch_size=4, lr=3e-3, loss="dice_ce", patch_size=128,
+        num_workers=0, overlays=4,
     )
     print(f"3. training tiny SAM2 + PEG + {adapter.upper()} adapters for {epochs} epochs on the CPU "
           "(random SAM2 weights: the numbers show the pipeline works, not the method's accuracy)")

@@ -198,3 +198,18 @@ def test_a_fixed_input_size_model_trains_on_images_resized_to_that_size():
     assert resized[(0, 0)][0].shape == (1, 128, 128)
     # a 128-px crop of the 256-px image almost always straddles the middle; of the 512-px one, a third do
     assert straddling(resized) >= 36 and straddling(native) <= 24
+
+
+def test_demo_runs_the_whole_workflow_and_never_reuses_a_folder(tmp_path, capsys):
+    out = tmp_path / "demo"
+    out.mkdir()  # an existing folder: the demo must write beside it, not into it
+    assert main(["demo", "--out", str(out), "--epochs", "1", "--no-progress"]) == 0
+    made = tmp_path / "demo-2"
+    assert not any(out.iterdir())
+    evaluation = json.loads((made / "evaluation.json").read_text())
+    assert evaluation["num_cases"] == 6 and 0.0 <= evaluation["miou"] <= 1.0
+    written = sorted(p.name for p in (made / "predictions").glob("*.png") if "overlay" not in p.name)
+    expected = sorted(p.name.replace("_0000", "") for p in (made / "data" / "imagesTs").iterdir())
+    assert written == expected
+    assert (made / "run" / "model" / "biosam2.safetensors").is_file()
+    assert "everything is in" in capsys.readouterr().out
