@@ -270,6 +270,7 @@ def _quiet_third_party_logging() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*litlogger.*")
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*weights_only.*")
     warnings.filterwarnings("ignore", category=FutureWarning)
 
 

@@ -673,79 +673,79 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         "Parameters, MACs, latency, training-step time and peak memory of biosam2 and its baselines."
     )
     parser.add_argument(
-        "--size", default=defaults.size, help="SAM2 size: tiny, small, base-plus, large (default: tiny)"
+        "--size", default=defaults.size, help="SAM2 size: tiny, small, base-plus, large (default: %(default)s)"
     )
-    parser.add_argument("--num-classes", type=int, default=defaults.num_classes, help="output classes (default: 2)")
+    parser.add_argument("--num-classes", type=int, default=defaults.num_classes, help="output classes (default: %(default)s)")
     parser.add_argument(
-        "--sizes", type=int, nargs="+", default=list(defaults.sizes), help="square input sides (default: 512)"
+        "--sizes", type=int, nargs="+", default=list(defaults.sizes), help="square input sides (default: %(default)s)"
     )
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="images per call (default: 1)")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="images per call (default: %(default)s)")
     parser.add_argument(
-        "--repeats", type=int, default=defaults.repeats, help="at most this many timed inference runs (default: 5)"
+        "--repeats", type=int, default=defaults.repeats, help="at most this many timed inference runs (default: %(default)s)"
     )
     parser.add_argument(
         "--min-repeats",
         type=int,
         default=defaults.min_repeats,
-        help="at least this many timed inference runs (default: 3)",
+        help="at least this many timed inference runs (default: %(default)s)",
     )
     parser.add_argument(
         "--train-repeats",
         type=int,
         default=defaults.train_repeats,
-        help="at most this many timed training steps (default: 3)",
+        help="at most this many timed training steps (default: %(default)s)",
     )
     parser.add_argument(
         "--time-budget",
         type=float,
         default=defaults.time_budget_s,
-        help="seconds after which a measurement stops repeating once it has its minimum runs (default: 8)",
+        help="seconds after which a measurement stops repeating once it has its minimum runs (default: %(default)s)",
     )
     parser.add_argument(
         "--min-cpu-share",
         type=float,
         default=defaults.min_cpu_share,
         help="CPU: re-time runs that got less than this share of their cores' time, i.e. runs slowed by other "
-        "processes (default: 0.7; 0 keeps every run)",
+        "processes (default: %(default)s; 0 keeps every run)",
     )
     parser.add_argument(
         "--contention-wait",
         type=float,
         default=defaults.contention_wait_s,
         help="CPU: after a run slowed by other processes, wait up to this many seconds for idle CPUs before "
-        "re-timing (default: 60)",
+        "re-timing (default: %(default)s)",
     )
     parser.add_argument(
         "--contention-wait-total",
         type=float,
         default=defaults.contention_wait_total_s,
-        help="at most this many seconds of such waiting over the whole benchmark (default: 600)",
+        help="at most this many seconds of such waiting over the whole benchmark (default: %(default)s)",
     )
     parser.add_argument(
         "--interleaved-rounds",
         type=int,
         default=defaults.interleaved_rounds,
         help="per size, rounds of LW fused, LW unfused, PEG-only and vanilla SAM2 run back to back, whose "
-        "per-round ratios decide the latency targets (default: 9; 0: none)",
+        "per-round ratios decide the latency targets (default: %(default)s; 0: none)",
     )
     parser.add_argument(
         "--warmup",
         type=int,
         default=defaults.warmup,
-        help="plain warm-up runs after the counted warm-up pass (default: 0)",
+        help="plain warm-up runs after the counted warm-up pass (default: %(default)s)",
     )
     parser.add_argument(
         "--train-max-size",
         type=int,
         default=defaults.train_max_size,
-        help="measure training steps only for inputs up to this side (default: 512)",
+        help="measure training steps only for inputs up to this side (default: %(default)s)",
     )
     parser.add_argument(
-        "--vanilla-size", type=int, default=defaults.vanilla_size, help="side vanilla SAM2 resizes to (default: 1024)"
+        "--vanilla-size", type=int, default=defaults.vanilla_size, help="side vanilla SAM2 resizes to (default: %(default)s)"
     )
-    parser.add_argument("--device", default=defaults.device, help="cpu, cuda, cuda:N or auto (default: auto)")
+    parser.add_argument("--device", default=defaults.device, help="cpu, cuda, cuda:N or auto (default: %(default)s)")
     parser.add_argument(
-        "--dtype", default=defaults.dtype, choices=["fp32", "bf16"], help="bf16: autocast (default: fp32)"
+        "--dtype", default=defaults.dtype, choices=["fp32", "bf16"], help="bf16: autocast (default: %(default)s)"
     )
     parser.add_argument(
         "--configs",
@@ -808,18 +808,3 @@ def run_from_args(args: argparse.Namespace) -> int:
         args.markdown.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(args.markdown, markdown)
     return 0
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="biosam2 bench efficiency")
-    configure_parser(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run_from_args(args)
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -95,7 +95,7 @@ from biosam2.bench.accuracy.cells import (
     run_cell,
     schedule,
 )
-from biosam2.bench.accuracy.cli import cell_matches, configure_parser, main, run_from_args
+from biosam2.bench.accuracy.cli import cell_matches, configure_parser, run_from_args
 from biosam2.bench.accuracy.grid import Cell, Grid, load_grid, resolve_grid_file, shipped_grids
 from biosam2.bench.accuracy.results import (
     CellRecord,
@@ -129,7 +129,6 @@ __all__ = [
     "configure_parser",
     "dataset_status",
     "load_grid",
-    "main",
     "parse_gpus",
     "physical_gpu",
     "prepare_dataset",

@@ -1,7 +1,8 @@
-"""``python -m biosam2.bench.accuracy``: what the ``--gpus`` workers run (with ``--run-cell``)."""
+"""``python -m biosam2.bench.accuracy``: what the ``--gpus`` workers run (with ``--run-cell``);
+the same as ``biosam2 bench accuracy``."""
 
 import sys
 
-from biosam2.bench.accuracy.cli import main
+from biosam2.cli import main
 
-sys.exit(main())
+sys.exit(main(["bench", "accuracy", *sys.argv[1:]]))

@@ -1,16 +1,14 @@
-"""The command line: ``biosam2 bench accuracy`` and ``python -m biosam2.bench.accuracy`` (also the
-``--run-cell`` worker that ``--gpus`` starts)."""
+"""The command line: ``biosam2 bench accuracy`` (also the ``--run-cell`` worker that ``--gpus`` starts,
+as ``python -m biosam2.bench.accuracy``). Errors, Ctrl-C and logging are handled by :mod:`biosam2.cli`."""
 
 from __future__ import annotations
 
 import argparse
 import fnmatch
-import logging
 import shlex
 import sys
 import threading
 import time
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -47,7 +45,7 @@ from biosam2.bench.accuracy.results import (
     aggregate,
     machine_description,
 )
-from biosam2.errors import BioSAM2Error, ConfigError
+from biosam2.errors import ConfigError
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -112,7 +110,6 @@ def run_from_args(args: argparse.Namespace) -> int:
     Errors in the grid file or the options raise :class:`~biosam2.errors.ConfigError` (the CLI prints
     them and exits 2); a Ctrl-C writes the results so far and raises KeyboardInterrupt.
     """
-    _quiet_logging()
     grid = load_grid(args.grid, args.data_root)
     out = Path(args.out or f"bench-accuracy-{grid.name}").expanduser().resolve()
     if args.run_cell:
@@ -293,34 +290,3 @@ def _worker(grid: Grid, out: Path, key: str, *, progress_bar: bool) -> int:
     outcome = run_cell(grid, cell, out, data, runtime={"devices": 1, "strategy": "auto", "num_nodes": 1}, progress_bar=progress_bar)
     print(f"{cell.key}: {_describe_outcome(outcome)}{_headline(cell, out)}", flush=True)
     return 0 if outcome.status in (FINISHED, "skipped") else 1
-
-
-def _quiet_logging() -> None:
-    """One line per cell instead of Lightning's banner per run. Lightning sets its loggers' levels
-    when it is imported, so it is imported first and quietened after."""
-    import lightning.pytorch  # noqa: F401
-
-    logging.getLogger("biosam2").setLevel(logging.INFO)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for name in ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning", "transformers"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message=".*litlogger.*")
-    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-    warnings.filterwarnings("ignore", message=".*weights_only.*")
-    warnings.filterwarnings("ignore", category=FutureWarning)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m biosam2.bench.accuracy``: the same options as ``biosam2 bench accuracy``."""
-    parser = argparse.ArgumentParser(prog="python -m biosam2.bench.accuracy")
-    configure_parser(parser)
-    args = parser.parse_args(argv)
-    try:
-        return run_from_args(args)
-    except BioSAM2Error as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
