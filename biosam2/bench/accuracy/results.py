@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from biosam2 import __version__
 from biosam2.atomic_io import atomic_write_json, atomic_write_text
 from biosam2.bench.accuracy.cells import (
     CONFLICT,
@@ -27,6 +28,7 @@ from biosam2.bench.accuracy.cells import (
     cell_state,
 )
 from biosam2.bench.accuracy.grid import Cell, Grid
+from biosam2.bench.measure import cpu_model_name, load_average
 
 RESULTS_JSON, RESULTS_MD = "results.json", "results.md"
 
@@ -183,39 +185,18 @@ def hd95_units(grid: Grid, records: Sequence[CellRecord]) -> dict[str, dict[str,
 
 def machine_description() -> dict[str, Any]:
     """Enough about the machine to read timings and to know whether GPUs were used."""
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    info: dict[str, Any] = {
-        "platform": platform.platform(), "python": platform.python_version(), "cpu": cpu,
-        "cpu_count": os.cpu_count(), "gpus": [],
-    }
-    try:
-        import torch
+    import torch
 
-        info["torch"] = torch.__version__
-        info["torch_threads"] = torch.get_num_threads()
-        if torch.cuda.is_available():
-            info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-    except ImportError:
-        pass
-    return info
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    return {
+        "platform": platform.platform(), "python": platform.python_version(), "cpu": cpu_model_name(),
+        "cpu_count": os.cpu_count(), "gpus": gpus, "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+    }
 
 
 def describe_machine(info: dict[str, Any]) -> str:
     gpus = ", ".join(info["gpus"]) if info.get("gpus") else "no GPU"
     return f"{info['cpu']} ({info['cpu_count']} logical cores), {gpus}; {info['platform']}; torch {info.get('torch', '?')}"
-
-
-def _version() -> str:
-    from biosam2 import __version__
-
-    return __version__
 
 
 def _varying_options(grid: Grid, methods: Sequence[str], dataset: str) -> dict[str, str]:
@@ -265,7 +246,7 @@ def build_results(grid: Grid, out: Path, records: Sequence[CellRecord], invocati
         "argv": invocation.get("argv"),
         "date": invocation.get("date") or _now(),
         "machine": invocation.get("machine") or machine_description(),
-        "biosam2_version": _version(),
+        "biosam2_version": __version__,
         "invocation": invocation,
         "invocations": _read_invocations(out),
         "random_weights": grid.uses_random_weights(),
@@ -515,7 +496,7 @@ def _record_invocation(out: Path, invocation: dict[str, Any]) -> None:
 def _sample_load(invocation: dict[str, Any], key: str | None = None) -> None:
     """Record the 1-min load average (under ``key``, and into the running maximum): a load above the
     core count while cells ran means other work shared the CPU, and the cells' times are inflated."""
-    value = _load_average()
+    value = load_average()
     load = invocation.setdefault("load_average", {})
     if key:
         load[key] = value
@@ -529,13 +510,6 @@ def _cpu_seconds() -> float:
 
     own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
     return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
-
-
-def _load_average() -> float | None:
-    try:
-        return os.getloadavg()[0]
-    except (OSError, AttributeError):
-        return None
 
 
 def aggregate(grid: Grid, out: Path, invocation: dict[str, Any]) -> dict[str, Any]:
