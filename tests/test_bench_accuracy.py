@@ -71,6 +71,11 @@ def minimal_grid(dataset_path: str = "/nowhere/data", **changes) -> dict:
         ({"defaults": {"loss": "focal"}}, "defaults", "loss='focal'"),
         ({"datasets": {"syn": {"path": "x", "convert": {"name": "isbi2012", "src": "y"}}}}, "datasets.syn", "exactly one of"),
         ({"datasets": {"syn": {"convert": {"name": "mnist", "src": "y"}}}}, "datasets.syn.convert.name", "'mnist'"),
+        (
+            {"datasets": {"syn": {"convert": {"name": "isbi2012", "src": "y", "options": {"nope": 1}}}}},
+            "datasets.syn.convert.options",
+            "no option(s) nope",
+        ),
         ({"datasets": {"syn": {"convert": {"name": "kvasir-seg", "src": "y", "limit": 0}}}}, "datasets.syn.convert.limit", "positive integer"),
         ({"datasets": {"syn": {"path": "x", "train": {"patch_size": 0}}}}, "datasets.syn.train", "patch_size=0"),
         ({"datasets": {"bad name": {"path": "x"}}}, "datasets.bad name", "not a usable name"),

@@ -264,7 +264,7 @@ def _resolve(path: str, root: Path) -> Path:
 
 def load_grid(reference: str | Path, data_root: str | Path | None = None) -> Grid:
     """Read and check a grid file (a path or a shipped grid's name). Every error names the file and key."""
-    from biosam2.data.convert import CONVERTERS, converter_options
+    from biosam2.data.convert import CONVERTERS, check_conversion
     from biosam2.model.factory import METHODS
     from biosam2.training.config import TrainConfig
 
@@ -315,8 +315,11 @@ def load_grid(reference: str | Path, data_root: str | Path | None = None) -> Gri
             block = _mapping(body["convert"], file, f"{key}.convert")
             _check_keys(block, _CONVERT_KEYS, file, f"{key}.convert")
             converter = block.get("name")
-            if converter not in CONVERTERS:
-                raise _fail(file, f"{key}.convert.name", f"{converter!r}: choose one of {', '.join(CONVERTERS)}")
+            options = _mapping(block.get("options"), file, f"{key}.convert.options")
+            try:
+                check_conversion(converter, options)
+            except ConfigError as error:
+                raise _fail(file, f"{key}.convert.{'options' if converter in CONVERTERS else 'name'}", str(error)) from None
             if not isinstance(block.get("src"), str):
                 raise _fail(file, f"{key}.convert.src", "missing: the folder of the dataset as distributed")
             limit = block.get("limit")
@@ -325,13 +328,6 @@ def load_grid(reference: str | Path, data_root: str | Path | None = None) -> Gri
             split_seed = block.get("seed", 0)
             if not isinstance(split_seed, int) or isinstance(split_seed, bool):
                 raise _fail(file, f"{key}.convert.seed", f"{split_seed!r}: expected an integer")
-            options = _mapping(block.get("options"), file, f"{key}.convert.options")
-            unknown = sorted(set(options) - set(converter_options(converter)))
-            if unknown:
-                raise _fail(
-                    file, f"{key}.convert.options",
-                    f"{converter} has no option(s) {', '.join(unknown)} (it takes {', '.join(converter_options(converter)) or 'none'})",
-                )
             convert = ConvertSource(converter, _resolve(block["src"], root), limit, split_seed, dict(options))
         else:
             if not isinstance(body["path"], str):

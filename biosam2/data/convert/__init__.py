@@ -45,6 +45,19 @@ def converter_options(name: str) -> list[str]:
     return [p.name for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name not in _COMMON]
 
 
+def check_conversion(name: str, options: dict[str, Any]) -> None:
+    """Refuse an unknown converter, or options it does not take, before anything is read or written."""
+    if name not in CONVERTERS:
+        raise ConfigError(f"unknown dataset {name!r} to convert; choose one of {', '.join(CONVERTERS)}")
+    unknown = sorted(set(options) - set(converter_options(name)))
+    if unknown:
+        allowed = converter_options(name)
+        raise ConfigError(
+            f"{name} converter has no option(s) {', '.join(unknown)}; "
+            + (f"it takes {', '.join(allowed)}" if allowed else "it takes only seed, limit and overwrite")
+        )
+
+
 def convert_dataset(
     name: str,
     src: str | Path,
@@ -56,15 +69,7 @@ def convert_dataset(
     **options: Any,
 ) -> ConversionSummary:
     """Convert the dataset ``name`` (a key of :data:`CONVERTERS`) from ``src`` into a new dataset at ``dst``."""
-    if name not in CONVERTERS:
-        raise ConfigError(f"unknown dataset {name!r} to convert; choose one of {', '.join(CONVERTERS)}")
-    unknown = sorted(set(options) - set(converter_options(name)))
-    if unknown:
-        allowed = converter_options(name)
-        raise ConfigError(
-            f"{name} converter has no option(s) {', '.join(unknown)}; "
-            + (f"it takes {', '.join(allowed)}" if allowed else "it takes only seed, limit and overwrite")
-        )
+    check_conversion(name, options)
     return CONVERTERS[name](Path(src), Path(dst), seed=seed, limit=limit, overwrite=overwrite, **options)
 
 
@@ -73,6 +78,7 @@ __all__ = [
     "CONVERTER_FORMAT_VERSION",
     "SOURCE_LABEL_MAPS",
     "ConversionSummary",
+    "check_conversion",
     "convert_dataset",
     "converter_options",
     "map_to_synapse",
