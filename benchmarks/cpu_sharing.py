@@ -20,7 +20,7 @@ import time, warnings, torch
 warnings.simplefilter("ignore")
 import biosam2
 torch.manual_seed(0)
-model = biosam2.build_model("tiny", num_classes=2, adapter="lw").eval()
+model = biosam2.build_model("tiny", weights="random", num_classes=2, adapter="lw").eval()
 images = torch.rand(1, 3, {side}, {side})
 with torch.inference_mode():
     model(images)  # warm-up

@@ -28,7 +28,7 @@ def measure(side: int, whole: bool, tile: int, device: str, queue) -> None:
 
     warnings.simplefilter("ignore")
     torch.manual_seed(0)
-    model = biosam2.build_model("tiny", num_classes=4, adapter="lw").eval().reparameterize()
+    model = biosam2.build_model("tiny", weights="random", num_classes=4, adapter="lw").eval().reparameterize()
     image = np.random.default_rng(0).random((3, side, side), dtype=np.float32)
     predictor = Predictor(model, device=device, max_side=10**9 if whole else 2048, tile_size=tile)
     if device.startswith("cuda"):

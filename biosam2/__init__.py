@@ -1,7 +1,7 @@
 """biosam2: prompt-free, multi-class biomedical semantic segmentation on a frozen SAM2.
 
 >>> import torch, biosam2
->>> model = biosam2.build_model("tiny", weights=None, num_classes=3, adapter="hp")  # doctest: +SKIP
+>>> model = biosam2.build_model("tiny", weights="random", num_classes=3, adapter="hp")  # doctest: +SKIP
 >>> logits = model(torch.rand(2, 3, 97, 211))  # doctest: +SKIP
 
 The model API is imported on first use, so that ``biosam2 -h`` does not pay for torch and

@@ -144,7 +144,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _add_train_options(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("model")
     model.add_argument("--size", choices=SAM2_SIZE_NAMES, help="SAM2 size (default tiny)")
-    model.add_argument("--weights", help="SAM2 weights: hf, meta, a hub id, a transformers folder or sam2.1_hiera_*.pt (default: random, with a warning)")
+    model.add_argument("--weights", help="SAM2 weights: hf (pretrained SAM2.1 from the Hugging Face hub or its cache; the default), meta "
+                       "(Meta's sam2.1_hiera_*.pt), a hub id, a transformers folder, a .pt file, or random (tests only)")
     model.add_argument("--adapter", choices=ADAPTERS, help="where training happens (default hp)")
     model.add_argument("--pos-encoding", dest="pos_encoding", choices=POSITIONAL_ENCODINGS, help="positional encoding (default peg)")
     model.add_argument("--adapter-ratio", dest="adapter_ratio", type=float, help="bottleneck width / block width (default 0.25)")

@@ -48,7 +48,7 @@ def run_demo(out: Path, *, epochs: int = DEMO_EPOCHS, adapter: str = "lw", progr
         raise DataError(f"{data}: the generated dataset failed its check")
 
     config = TrainConfig(
-        size="tiny", adapter=adapter, epochs=epochs, batch_size=4, lr=3e-3, loss="dice_ce", patch_size=128,
+        size="tiny", weights="random", adapter=adapter, epochs=epochs, batch_size=4, lr=3e-3, loss="dice_ce", patch_size=128,
         num_workers=0, overlays=4,
     )
     print(f"3. training tiny SAM2 + PEG + {adapter.upper()} adapters for {epochs} epochs on the CPU "

@@ -9,3 +9,7 @@ POSITIONAL_ENCODINGS = ("peg", "sam2")
 LOSSES = ("ce", "dice_ce")
 PRECISIONS = ("auto", "32", "bf16-mixed", "16-mixed")
 BENCHMARKS = ("efficiency", "accuracy")
+
+# SAM2 weights: pretrained SAM2.1 from the hub (or its local cache) unless random weights are asked for.
+DEFAULT_WEIGHTS = "hf"
+RANDOM_WEIGHTS = "random"

@@ -30,7 +30,7 @@ def main() -> None:
     warnings.simplefilter("ignore", RandomWeightsWarning)
     torch.manual_seed(0)
     for adapter in ["hp", "lw"]:
-        model = biosam2.build_model("tiny", weights=None, num_classes=3, adapter=adapter)
+        model = biosam2.build_model("tiny", weights="random", num_classes=3, adapter=adapter)
         print(f"{adapter}: {biosam2.count_parameters(model)}")
         optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-3)
         model.train()

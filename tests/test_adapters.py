@@ -48,7 +48,7 @@ def test_rep_block_fuses_to_one_conv_with_the_same_output():
 def lw_pair():
     """A trained-looking LW model (eval) and its fused copy."""
     generator = torch.Generator().manual_seed(2)
-    model = biosam2.build_model("tiny", num_classes=3, adapter="lw")
+    model = biosam2.build_model("tiny", weights="random", num_classes=3, adapter="lw")
     randomise_batch_norms(model, generator)
     make_adapters_matter(model, generator)
     model.eval()
@@ -89,7 +89,7 @@ def test_fused_model_has_no_batch_norm_or_1x1_branch_left_in_adapters(lw_pair):
 
 def test_reparameterize_refuses_models_without_lw_adapters():
     with pytest.raises(biosam2.ConfigError, match="LW"):
-        biosam2.build_model("tiny", adapter="hp").reparameterize()
+        biosam2.build_model("tiny", weights="random", adapter="hp").reparameterize()
 
 
 # ---- HP ---------------------------------------------------------------------------------------

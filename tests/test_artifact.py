@@ -28,7 +28,7 @@ def perturb_trainable(model: torch.nn.Module) -> None:
 
 @pytest.mark.parametrize("adapter", ["hp", "lw", "lora", "none"])
 def test_round_trip_gives_identical_logits(tmp_path, adapter):
-    model = biosam2.build_model("tiny", num_classes=3, adapter=adapter)
+    model = biosam2.build_model("tiny", weights="random", num_classes=3, adapter=adapter)
     perturb_trainable(model)
     model.eval()
     model.save_pretrained(tmp_path / "artifact", metadata={"classes": ["bg", "a", "b"]})
@@ -42,7 +42,7 @@ def test_round_trip_gives_identical_logits(tmp_path, adapter):
 
 
 def test_fused_lw_model_saves_and_reloads_fused_and_is_a_few_megabytes(tmp_path):
-    model = biosam2.build_model("tiny", num_classes=2, adapter="lw")
+    model = biosam2.build_model("tiny", weights="random", num_classes=2, adapter="lw")
     perturb_trainable(model)
     model.eval().reparameterize()
     model.save_pretrained(tmp_path / "fused")
@@ -59,7 +59,7 @@ def test_fused_lw_model_saves_and_reloads_fused_and_is_a_few_megabytes(tmp_path)
 def test_artifact_holds_only_trained_tensors(tmp_path):
     import safetensors.torch
 
-    model = biosam2.build_model("tiny", num_classes=2, adapter="hp")
+    model = biosam2.build_model("tiny", weights="random", num_classes=2, adapter="hp")
     model.save_pretrained(tmp_path / "hp")
     saved = safetensors.torch.load_file(tmp_path / "hp" / WEIGHTS_FILE)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
@@ -82,13 +82,13 @@ def test_artifact_finds_its_base_weights_again_from_the_recorded_reference(tmp_p
 def test_restoring_on_other_base_weights_is_an_error(tmp_path):
     torch.manual_seed(4)
     Sam2Model(get_size("tiny").transformers_config()).save_pretrained(tmp_path / "other")
-    biosam2.build_model("tiny", adapter="lw").save_pretrained(tmp_path / "artifact")
+    biosam2.build_model("tiny", weights="random", adapter="lw").save_pretrained(tmp_path / "artifact")
     with pytest.raises(CheckpointError, match="not the ones this artifact was trained on"):
         biosam2.load_model(tmp_path / "artifact", base_weights=tmp_path / "other")
 
 
 def test_damaged_artifacts_are_reported_by_file(tmp_path):
-    model = biosam2.build_model("tiny", adapter="lw")
+    model = biosam2.build_model("tiny", weights="random", adapter="lw")
     model.save_pretrained(tmp_path / "a")
     with pytest.raises(CheckpointError, match="biosam2.json is missing"):
         biosam2.load_model(tmp_path)
@@ -98,15 +98,15 @@ def test_damaged_artifacts_are_reported_by_file(tmp_path):
 
 
 def test_weights_for_another_number_of_classes_are_refused(tmp_path):
-    biosam2.build_model("tiny", num_classes=2, adapter="none").save_pretrained(tmp_path / "two")
-    biosam2.build_model("tiny", num_classes=4, adapter="none").save_pretrained(tmp_path / "four")
+    biosam2.build_model("tiny", weights="random", num_classes=2, adapter="none").save_pretrained(tmp_path / "two")
+    biosam2.build_model("tiny", weights="random", num_classes=4, adapter="none").save_pretrained(tmp_path / "four")
     (tmp_path / "two" / WEIGHTS_FILE).write_bytes((tmp_path / "four" / WEIGHTS_FILE).read_bytes())
     with pytest.raises(CheckpointError, match=r"wrong shape: decoder.class_tokens \(4, 256\) vs model \(2, 256\)"):
         biosam2.load_model(tmp_path / "two")
 
 
 def test_saving_over_an_existing_artifact_replaces_it_whole(tmp_path):
-    biosam2.build_model("tiny", num_classes=2, adapter="none").save_pretrained(tmp_path / "a")
-    biosam2.build_model("tiny", num_classes=5, adapter="none").save_pretrained(tmp_path / "a")
+    biosam2.build_model("tiny", weights="random", num_classes=2, adapter="none").save_pretrained(tmp_path / "a")
+    biosam2.build_model("tiny", weights="random", num_classes=5, adapter="none").save_pretrained(tmp_path / "a")
     assert biosam2.load_model(tmp_path / "a").num_classes == 5
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a"]  # no staging folders left behind

@@ -53,7 +53,7 @@ def dataset_3d(root: Path, *, label_affine: np.ndarray | None = None, nan: bool 
 
 def run_directory(root: Path, num_classes: int = 4) -> Path:
     """A run as `predict` needs it: the model artifact with its metadata (no training needed)."""
-    model = biosam2.build_model("tiny", num_classes=num_classes, adapter="lw")
+    model = biosam2.build_model("tiny", weights="random", num_classes=num_classes, adapter="lw")
     labels = {"background": 0, **{f"class_{i}": i for i in range(1, num_classes)}}
     model.save_pretrained(root / "run" / "model", metadata={"normalization": {"scheme": "uint8"}, "labels": labels})
     return root / "run"
@@ -91,7 +91,7 @@ def _dataset_case(mutate: Callable[[Path], None], command: str) -> Callable[[Pat
         mutate(data)
         if command == "check-data":
             return ["check-data", str(data)]
-        return ["train", str(data), "--out", str(tmp / "run"), "--epochs", "1", "--no-progress"]
+        return ["train", str(data), "--out", str(tmp / "run"), "--weights", "random", "--epochs", "1", "--no-progress"]
     return setup
 
 
@@ -147,7 +147,7 @@ def _volume_case(command: str, **options) -> Callable[[Path], list[str]]:
             truncate(data / "labelsTr" / "ct_1.nii.gz")
         if command == "check-data":
             return ["check-data", str(data)]
-        return ["train", str(data), "--out", str(tmp / "run"), "--epochs", "1", "--no-progress"]
+        return ["train", str(data), "--out", str(tmp / "run"), "--weights", "random", "--epochs", "1", "--no-progress"]
     return setup
 
 
@@ -162,7 +162,7 @@ for command, code in (("check-data", 1), ("train", 2)):
     SCENARIOS[f"{command}: NaN voxels"] = Scenario(_volume_case(command, nan=True), ("ct_1_0000.nii.gz", "NaN or infinite"), absent, code)
 SCENARIOS["check-data: empty folder"] = Scenario(lambda tmp: ["check-data", str(Path(tempfile.mkdtemp(dir=tmp)))], ("dataset.json: missing",), exit_code=1)
 SCENARIOS["train: empty folder"] = Scenario(
-    lambda tmp: ["train", str(Path(tempfile.mkdtemp(dir=tmp))), "--out", str(tmp / "run")], ("dataset.json: missing",), ("run",)
+    lambda tmp: ["train", str(Path(tempfile.mkdtemp(dir=tmp))), "--out", str(tmp / "run"), "--weights", "random"], ("dataset.json: missing",), ("run",)
 )
 
 
@@ -351,7 +351,7 @@ def test_bad_input_gets_one_clear_message_and_leaves_nothing_half_done(name, tmp
 
 def test_debug_shows_the_traceback(tmp_path):
     with pytest.raises(biosam2.DataError):
-        main(["--debug", "train", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run")])
+        main(["--debug", "train", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run"), "--weights", "random"])
 
 
 def test_unreadable_file_is_reported_as_a_permission_problem(tmp_path):

@@ -52,7 +52,7 @@ def minimal_grid(dataset_path: str = "/nowhere/data", **changes) -> dict:
     payload = {
         "name": "t",
         "seeds": [0, 1],
-        "defaults": {"weights": None, "epochs": 1},
+        "defaults": {"weights": "random", "epochs": 1},
         "datasets": {"syn": {"path": dataset_path}},
         "methods": {"vanilla-sam2": {}, "biosam2-lw": {}},
     }
@@ -98,7 +98,7 @@ def test_grid_errors_name_the_file_and_the_key(tmp_path, change, key, message):
 
 def test_values_are_checked_in_each_cells_merged_options(tmp_path):
     # adapter_blocks [20] is wrong for tiny (12 blocks) but right for large (48): judged together
-    grid = minimal_grid(defaults={"weights": None, "size": "large"}, methods={"m": {"train": {"adapter_blocks": [20]}}})
+    grid = minimal_grid(defaults={"weights": "random", "size": "large"}, methods={"m": {"train": {"adapter_blocks": [20]}}})
     load_grid(write_grid(tmp_path, grid))
     grid["methods"]["m"]["train"]["adapter_blocks"] = [60]
     with pytest.raises(ConfigError, match=r"grid.yaml: methods\.m\.train: .*adapter_blocks=\[60\]"):
@@ -111,7 +111,7 @@ def test_values_are_checked_in_each_cells_merged_options(tmp_path):
 
 def test_options_merge_in_the_documented_order(tmp_path):
     grid = load_grid(write_grid(tmp_path, minimal_grid(
-        defaults={"weights": None, "epochs": 5, "lr": 0.1, "patch_size": 96},
+        defaults={"weights": "random", "epochs": 5, "lr": 0.1, "patch_size": 96},
         datasets={"syn": {"path": "/d", "train": {"epochs": 7, "patch_size": 64}}},
         methods={"hp-r": {"preset": "biosam2-hp", "train": {"adapter_ratio": 0.5, "epochs": 9}}},
     )))
@@ -184,7 +184,7 @@ def _fake_run(run: Path, config: TrainConfig, *, finished: bool, checkpoint: boo
 
 
 def test_cell_states(tmp_path):
-    config = TrainConfig(weights=None, epochs=3)
+    config = TrainConfig(weights="random", epochs=3)
     wanted = config.to_dict()
     assert cell_state(tmp_path / "absent", wanted).state == NEW
     (tmp_path / "empty").mkdir()
@@ -196,10 +196,10 @@ def test_cell_states(tmp_path):
     assert cell_state(tmp_path / "half", wanted).state == RESUMABLE
 
     # the run belongs to another configuration: its results are not this cell's
-    other = cell_state(tmp_path / "done", TrainConfig(weights=None, epochs=5).to_dict())
+    other = cell_state(tmp_path / "done", TrainConfig(weights="random", epochs=5).to_dict())
     assert other.state == CONFLICT and "epochs: run has 3, grid asks 5" in other.reason
     # where it ran is not what it computed
-    moved = TrainConfig(weights=None, epochs=3, devices=1, num_workers=7, accelerator="gpu").to_dict()
+    moved = TrainConfig(weights="random", epochs=3, devices=1, num_workers=7, accelerator="gpu").to_dict()
     assert cell_state(tmp_path / "done", moved).state == FINISHED
 
     _fake_run(tmp_path / "no-ckpt", config, finished=False, checkpoint=False)
@@ -232,7 +232,7 @@ def _fabricate(out: Path, grid, cell: Cell, miou: float, dice: float | None, hd9
 def test_aggregation_means_stds_counts_and_missing_cells(tmp_path):
     path = write_grid(tmp_path, {
         "seeds": [0, 1, 2],
-        "defaults": {"weights": None, "epochs": 1},
+        "defaults": {"weights": "random", "epochs": 1},
         "datasets": {"d1": {"path": "/d1"}, "d2": {"path": "/d2"}},
         "methods": {"a": {"preset": "biosam2-lw"}, "b": {"preset": "vanilla-sam2"}, "c": {"preset": "peg-only", "datasets": ["d1"]}},
         "ablations": [{"title": "A vs B", "methods": ["a", "b"]}],
@@ -428,7 +428,7 @@ def tiny_grid(tmp_path_factory):
         "name": "tiny",
         "description": "two methods, one seed, one epoch",
         "seeds": [0],
-        "defaults": {"weights": None, "epochs": 1, "batch_size": 2, "patch_size": 64, "lr": 1e-3, "num_workers": 0,
+        "defaults": {"weights": "random", "epochs": 1, "batch_size": 2, "patch_size": 64, "lr": 1e-3, "num_workers": 0,
                      "overlays": 0, "limit_train_batches": 2},
         "datasets": {"syn": {"label": "Synthetic", "path": str(data)}},
         "methods": {"vanilla-sam2": {}, "biosam2-lw": {"label": "LW"}},

@@ -40,7 +40,7 @@ def write_case(stem: Path, size: tuple[int, int], channels: int, dtype: str, rng
 
 def test_predict_handles_any_size_aspect_channels_and_pixel_type(tmp_path):
     rng = np.random.default_rng(2026)
-    model = biosam2.build_model("tiny", num_classes=NUM_CLASSES, adapter="lw").eval()
+    model = biosam2.build_model("tiny", weights="random", num_classes=NUM_CLASSES, adapter="lw").eval()
     cases = [random_case(rng) for _ in range(NUM_CASES)]
     assert min(min(s) for s, _, _ in cases) <= 16 and max(max(s) for s, _, _ in cases) >= 1000
     assert max(max(s) / min(s) for s, _, _ in cases) > 8

@@ -16,8 +16,8 @@ from biosam2.cli import main
 from biosam2.data.synthetic import write_synthetic_dataset
 from biosam2.training import TrainConfig, train
 
-OPTIONS = ["--adapter", "lw", "--epochs", "3", "--batch-size", "2", "--patch-size", "64", "--lr", "1e-3", "--num-workers", "0", "--no-progress"]
-CONFIG = TrainConfig(adapter="lw", epochs=3, batch_size=2, patch_size=64, lr=1e-3, num_workers=0)
+OPTIONS = ["--weights", "random", "--adapter", "lw", "--epochs", "3", "--batch-size", "2", "--patch-size", "64", "--lr", "1e-3", "--num-workers", "0", "--no-progress"]
+CONFIG = TrainConfig(weights="random", adapter="lw", epochs=3, batch_size=2, patch_size=64, lr=1e-3, num_workers=0)
 STEPS_PER_EPOCH = 4  # 8 training images, batch 2
 
 

@@ -11,7 +11,7 @@ from biosam2.errors import ConfigError
 
 @pytest.fixture(scope="module")
 def hp_model():
-    return biosam2.build_model("tiny", num_classes=4, adapter="hp").eval()
+    return biosam2.build_model("tiny", weights="random", num_classes=4, adapter="hp").eval()
 
 
 SIZES = [(33, 47), (97, 211), (256, 256), (512, 384), (1000, 120), (32, 32), (8, 13), (2048, 64), (61, 733)]
@@ -27,7 +27,7 @@ def test_logits_have_input_size_for_any_size_and_aspect_ratio(hp_model, height, 
 
 @pytest.mark.parametrize("adapter,pos_encoding", [("lw", "peg"), ("none", "sam2"), ("lora", "peg"), ("adaptformer", "sam2")])
 def test_every_variant_handles_odd_sizes(adapter, pos_encoding):
-    model = biosam2.build_model("tiny", num_classes=3, adapter=adapter, pos_encoding=pos_encoding).eval()
+    model = biosam2.build_model("tiny", weights="random", num_classes=3, adapter=adapter, pos_encoding=pos_encoding).eval()
     with torch.no_grad():
         logits = model(torch.rand(2, 3, 97, 211))
     assert logits.shape == (2, 3, 97, 211)
@@ -48,15 +48,15 @@ def test_an_image_gives_the_same_logits_alone_or_in_a_batch(hp_model):
 
 
 def test_resize_mode_reproduces_sam2s_fixed_square_input():
-    model = biosam2.build_model("tiny", num_classes=2, adapter="none", pos_encoding="sam2", input_size=256).eval()
+    model = biosam2.build_model("tiny", weights="random", num_classes=2, adapter="none", pos_encoding="sam2", input_size=256).eval()
     with torch.no_grad():
         logits = model(torch.rand(1, 3, 100, 300))
     assert logits.shape == (1, 2, 100, 300)
 
 
 def test_positional_encoding_is_really_replaced_by_the_peg():
-    peg = biosam2.build_model("tiny", adapter="none", pos_encoding="peg")
-    sam2 = biosam2.build_model("tiny", adapter="none", pos_encoding="sam2")
+    peg = biosam2.build_model("tiny", weights="random", adapter="none", pos_encoding="peg")
+    sam2 = biosam2.build_model("tiny", weights="random", adapter="none", pos_encoding="sam2")
     assert any("positional_encoding.proj" in n for n, p in peg.named_parameters() if p.requires_grad)
     assert not any("positional_encoding" in n for n, _ in sam2.named_parameters())
 
@@ -71,7 +71,7 @@ def test_random_weights_warn_that_results_are_not_representative():
     from biosam2.model.sam2_weights import RandomWeightsWarning
 
     with pytest.warns(RandomWeightsWarning, match="not representative"):
-        biosam2.build_model("tiny", adapter="none")
+        biosam2.build_model("tiny", weights="random", adapter="none")
 
 
 @pytest.mark.parametrize(
@@ -86,4 +86,4 @@ def test_random_weights_warn_that_results_are_not_representative():
 )
 def test_invalid_options_name_the_option(options, message):
     with pytest.raises(ConfigError, match=message):
-        biosam2.build_model(**options)
+        biosam2.build_model(weights="random", **options)

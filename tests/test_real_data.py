@@ -12,7 +12,7 @@ from conftest import SHARED_DATA, require_shared
 from biosam2.cli import main
 from biosam2.data.image_io import read_image, read_label
 
-QUICK_TRAIN = ["--adapter", "lw", "--epochs", "1", "--batch-size", "2", "--patch-size", "128", "--lr", "1e-3",
+QUICK_TRAIN = ["--weights", "random", "--adapter", "lw", "--epochs", "1", "--batch-size", "2", "--patch-size", "128", "--lr", "1e-3",
                "--limit-train-batches", "2", "--num-workers", "0", "--no-progress"]
 
 

@@ -31,7 +31,7 @@ def train_steps(model, steps: int):
     [("hp", "peg", 1), ("lw", "peg", 1), ("none", "sam2", 1), ("adaptformer", "peg", 1), ("lora", "peg", 2), ("full", "peg", 1)],
 )
 def test_frozen_sam2_is_bit_identical_and_every_trainable_tensor_changes(adapter, pos_encoding, steps):
-    model = biosam2.build_model("tiny", num_classes=3, adapter=adapter, pos_encoding=pos_encoding)
+    model = biosam2.build_model("tiny", weights="random", num_classes=3, adapter=adapter, pos_encoding=pos_encoding)
     before = {name: t.detach().clone() for name, t in model.state_dict(keep_vars=True).items()}
     frozen = {name for name, t in model.state_dict(keep_vars=True).items() if model.is_base_tensor(t) and not t.requires_grad}
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
@@ -47,14 +47,14 @@ def test_frozen_sam2_is_bit_identical_and_every_trainable_tensor_changes(adapter
 
 
 def test_vanilla_sam2_trains_only_the_class_tokens_and_mlps():
-    model = biosam2.build_model("tiny", num_classes=3, adapter="none", pos_encoding="sam2")
+    model = biosam2.build_model("tiny", weights="random", num_classes=3, adapter="none", pos_encoding="sam2")
     names = {n for n, p in model.named_parameters() if p.requires_grad}
     assert names and all(n.startswith(("decoder.class_tokens", "decoder.class_mlps.")) for n in names)
 
 
 def test_every_hiera_block_gets_an_adapter_unless_told_otherwise():
-    everywhere = biosam2.build_model("tiny", adapter="hp")
-    some = biosam2.build_model("tiny", adapter="hp", adapter_blocks=[0, 5, 11])
+    everywhere = biosam2.build_model("tiny", weights="random", adapter="hp")
+    some = biosam2.build_model("tiny", weights="random", adapter="hp", adapter_blocks=[0, 5, 11])
     def adapted(model):
         return sorted({int(n.split(".")[4]) for n, _ in model.named_parameters() if ".mlp.adapter." in n})
     assert adapted(everywhere) == list(range(12))
@@ -62,13 +62,13 @@ def test_every_hiera_block_gets_an_adapter_unless_told_otherwise():
 
 
 def test_adapter_ratio_sets_the_bottleneck_width():
-    model = biosam2.build_model("tiny", adapter="adaptformer", adapter_ratio=0.5)
+    model = biosam2.build_model("tiny", weights="random", adapter="adaptformer", adapter_ratio=0.5)
     first = model.encoder.blocks[0].mlp.adapter
     assert first.down.out_features == 48  # block 0 has width 96
 
 
 def test_count_parameters_reports_total_and_trainable():
-    model = biosam2.build_model("tiny", num_classes=2, adapter="none", pos_encoding="sam2")
+    model = biosam2.build_model("tiny", weights="random", num_classes=2, adapter="none", pos_encoding="sam2")
     counts = biosam2.count_parameters(model)
     by_hand = sum(p.numel() for p in model.decoder.class_mlps.parameters()) + model.decoder.class_tokens.numel()
     assert counts.trainable == by_hand

@@ -16,7 +16,7 @@ from biosam2.data.synthetic import write_synthetic_dataset
 from biosam2.errors import ConfigError
 from biosam2.training import TrainConfig, train
 
-QUICK = dict(adapter="lw", epochs=2, batch_size=2, patch_size=64, lr=1e-3, num_workers=0, overlays=2)
+QUICK = dict(weights="random", adapter="lw", epochs=2, batch_size=2, patch_size=64, lr=1e-3, num_workers=0, overlays=2)
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +157,7 @@ def test_every_command_answers_help(command, capsys):
 
 def test_cli_errors_are_one_line_without_traceback(tmp_path, capsys):
     assert main(["check-data", str(tmp_path / "nowhere")]) == 1
-    assert main(["train", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run")]) == 2
+    assert main(["train", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run"), "--weights", "random"]) == 2
     err = capsys.readouterr().err
     assert "dataset folder not found" in err and "Traceback" not in err
 

@@ -45,7 +45,7 @@ def transformers_directory(tmp: Path, marker: Path) -> None:
 
 
 def artifact(tmp: Path, marker: Path) -> None:
-    biosam2.build_model("tiny", adapter="lw").save_pretrained(tmp / "artifact")
+    biosam2.build_model("tiny", weights="random", adapter="lw").save_pretrained(tmp / "artifact")
     with open(tmp / "artifact" / WEIGHTS_FILE, "wb") as stream:
         pickle.dump(CreatesAFile(marker), stream)
     biosam2.load_model(tmp / "artifact")
@@ -99,7 +99,7 @@ def test_malicious_pickle_is_refused_by_every_loader(loader, tmp_path):
 
 def test_predict_refuses_a_tampered_artifact_on_the_command_line(tmp_path, capsys):
     marker = tmp_path / "pwned"
-    model = biosam2.build_model("tiny", adapter="lw")
+    model = biosam2.build_model("tiny", weights="random", adapter="lw")
     model.save_pretrained(tmp_path / "run" / "model", metadata={"normalization": {"scheme": "uint8"}})
     with open(tmp_path / "run" / "model" / WEIGHTS_FILE, "wb") as stream:
         pickle.dump(CreatesAFile(marker), stream)

@@ -246,7 +246,7 @@ def build_subject(name: str, settings: BenchSettings, device: torch.device) -> S
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RandomWeightsWarning)
         model = build_model(
-            settings.size, weights=None, num_classes=settings.num_classes, seed=settings.seed, **options
+            settings.size, weights="random", num_classes=settings.num_classes, seed=settings.seed, **options
         )
     model.to(device)
     return Subject(

@@ -29,6 +29,7 @@ from biosam2.model.decoder import PromptFreeDecoder
 from biosam2.model.encoder import HieraEncoder
 from biosam2.model.sam2_weights import load_sam2
 from biosam2.model.segmenter import BioSAM2
+from biosam2.options import DEFAULT_WEIGHTS
 
 METHODS: dict[str, dict[str, Any]] = {
     "biosam2-hp": {"adapter": "hp", "pos_encoding": "peg"},
@@ -56,7 +57,7 @@ _DECODER_PARTS_USED = (
 
 def build_model(
     size: str = "tiny",
-    weights: str | Path | None = None,
+    weights: str | Path | None = DEFAULT_WEIGHTS,
     num_classes: int = 2,
     adapter: str = "hp",
     *,
@@ -67,8 +68,9 @@ def build_model(
 
     Args:
         size: ``tiny``, ``small``, ``base-plus`` or ``large``.
-        weights: ``None`` (random, seeded by ``seed``), ``"hf"``, ``"meta"``, a hub id, a transformers
-            directory or an official ``sam2.1_hiera_*.pt`` (see :mod:`biosam2.model.sam2_weights`).
+        weights: ``"hf"`` (pretrained SAM2.1 from the hub or its local cache; the default), ``"meta"``,
+            a hub id, a transformers directory, an official ``sam2.1_hiera_*.pt``, or ``"random"``
+            (seeded by ``seed``; ``None`` means the same) (see :mod:`biosam2.model.sam2_weights`).
         num_classes: output channels, background included.
         adapter: ``hp``, ``lw``, ``none``, ``adaptformer``, ``lora`` or ``full``.
         options: any other :class:`ModelConfig` field (``pos_encoding``, ``adapter_ratio``,
@@ -76,7 +78,7 @@ def build_model(
 
     Example:
         >>> import torch, biosam2
-        >>> model = biosam2.build_model("tiny", num_classes=3, adapter="lw")  # doctest: +SKIP
+        >>> model = biosam2.build_model("tiny", num_classes=3, adapter="lw")  # pretrained  # doctest: +SKIP
         >>> model(torch.rand(1, 3, 97, 211)).shape  # doctest: +SKIP
         torch.Size([1, 3, 97, 211])
     """

@@ -10,14 +10,16 @@ import yaml
 
 from biosam2.errors import ConfigError
 from biosam2.model.config import ModelConfig
-from biosam2.options import LOSSES, PRECISIONS
+from biosam2.options import DEFAULT_WEIGHTS, LOSSES, PRECISIONS, RANDOM_WEIGHTS
 
 
 @dataclass
 class TrainConfig:
     # model (see biosam2.build_model)
     size: str = "tiny"
-    weights: str | None = None  # None: random SAM2 (a warning says so); "hf", "meta", a hub id or a path
+    # "hf" (pretrained SAM2.1, the default), "meta", a hub id, a path, or "random". Runs saved before
+    # "random" existed wrote null for random weights: null still means random, so they resume as trained.
+    weights: str | None = DEFAULT_WEIGHTS
     adapter: str = "hp"
     pos_encoding: str = "peg"
     adapter_ratio: float = 0.25
@@ -53,6 +55,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self._check_types()
+        if self.weights is None:
+            self.weights = RANDOM_WEIGHTS
         if self.loss not in LOSSES:
             raise ConfigError(f"loss={self.loss!r}: choose one of {', '.join(LOSSES)}")
         if self.precision not in PRECISIONS:

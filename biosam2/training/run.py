@@ -41,6 +41,7 @@ from biosam2.data.normalization import Normalization
 from biosam2.errors import CheckpointError, ConfigError, DataError
 from biosam2.inference.predictor import Predictor
 from biosam2.model.factory import build_model, count_parameters
+from biosam2.model.sam2_weights import prepare_weights
 from biosam2.training.config import TrainConfig
 from biosam2.training.data_module import SegmentationData
 from biosam2.training.module import SegmentationModule
@@ -172,7 +173,9 @@ def train(
     elif (run / CONFIG_FILE).exists() or last.exists():
         raise ConfigError(f"{run}: already holds a run; use --resume to continue it, or another --out")
 
-    # Everything that can fail on bad input happens before the run directory exists.
+    # Everything that can fail on bad input happens before the run directory exists; the SAM2 weights
+    # first, so that a missing download is reported before any data is read.
+    prepare_weights(config.size, config.weights)
     spec = load_dataset_spec(data)
     split = resolve_split(spec, config.fold, config.seed)
     normalization = resolve_normalization(spec, split.train)

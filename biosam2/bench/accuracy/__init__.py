@@ -12,7 +12,7 @@ Grid file (YAML)::
     data_root: ../shared/data        # where relative dataset paths point (see "Paths" below)
     seeds: [0, 1]                    # one cell per seed; `seed` may not be set anywhere else
     defaults:                        # TrainConfig options shared by every cell
-      weights: null
+      weights: random                # the default is hf: pretrained SAM2.1
       epochs: 4
     datasets:
       isbi2012:                      # a name: [A-Za-z0-9][A-Za-z0-9._+-]*, used in paths

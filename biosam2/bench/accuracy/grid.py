@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from biosam2.errors import ConfigError
+from biosam2.options import RANDOM_WEIGHTS
 
 GRIDS_DIR = Path(__file__).resolve().parent.parent / "grids"
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
@@ -147,7 +148,7 @@ class Grid:
         return TrainConfig.from_dict({**self.options(cell.dataset, cell.method, cell.seed), **(runtime or {})}, cell.key)
 
     def uses_random_weights(self) -> bool:
-        return any(self.config(cell).weights is None for cell in self.cells())
+        return any(self.config(cell).weights == RANDOM_WEIGHTS for cell in self.cells())
 
     def sha256(self) -> str:
         return hashlib.sha256(self.text.encode()).hexdigest()

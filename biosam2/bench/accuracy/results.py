@@ -284,7 +284,7 @@ def build_results(grid: Grid, out: Path, records: Sequence[CellRecord], invocati
 
 # ---- results.md ---------------------------------------------------------------------------------
 CAVEAT_RANDOM = (
-    "**Caveat: random weights.** These cells start from a randomly initialised SAM2 (weights: null), "
+    "**Caveat: random weights.** These cells start from a randomly initialised SAM2 (weights: random), "
     "not from Meta's pretrained SAM2.1, and train for a tiny budget. Random weights on CPU say nothing "
     "about the paper's accuracy with pretrained weights: the numbers show that the harness runs end to "
     "end and how the methods rank under equal (small) budgets from the same random backbone, nothing more."
