@@ -33,7 +33,7 @@ def train_steps(model, steps: int):
 def test_frozen_sam2_is_bit_identical_and_every_trainable_tensor_changes(adapter, pos_encoding, steps):
     model = biosam2.build_model("tiny", weights="random", num_classes=3, adapter=adapter, pos_encoding=pos_encoding)
     before = {name: t.detach().clone() for name, t in model.state_dict(keep_vars=True).items()}
-    frozen = {name for name, t in model.state_dict(keep_vars=True).items() if model.is_base_tensor(t) and not t.requires_grad}
+    frozen = set(model.frozen_base_state_dict())
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
     assert frozen and trainable
 

@@ -56,7 +56,7 @@ def resume_checkpoint(tmp: Path, marker: Path) -> None:
     from biosam2.training import TrainConfig, train
 
     data = write_synthetic_dataset(tmp / "data", train=2, val=1, test=1, min_side=32, max_side=48)
-    config = TrainConfig(adapter="none", epochs=1, batch_size=2, patch_size=32, num_workers=0, evaluate_test=False)
+    config = TrainConfig(weights="random", adapter="none", epochs=1, batch_size=2, patch_size=32, num_workers=0, evaluate_test=False)
     train(data, tmp / "run", config, progress_bar=False)
     torch.save({"state_dict": {}, "payload": CreatesAFile(marker)}, tmp / "run" / "checkpoints" / "last.ckpt")
     train(data, tmp / "run", config, resume=True, progress_bar=False)

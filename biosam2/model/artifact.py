@@ -25,6 +25,7 @@ from biosam2.atomic_io import replace_directory
 from biosam2.errors import CheckpointError
 from biosam2.model.config import ModelConfig
 from biosam2.model.sam2_weights import RandomWeightsWarning, WeightsSource
+from biosam2.options import RANDOM_WEIGHTS
 
 WEIGHTS_FILE = "biosam2.safetensors"
 CONFIG_FILE = "biosam2.json"
@@ -34,6 +35,7 @@ FORMAT_VERSION = 1
 
 def save_artifact(model, directory: str | Path, metadata: dict[str, Any] | None = None) -> Path:
     directory = Path(directory)
+    model = getattr(model, "_orig_mod", model)  # a torch.compile'd model saves what it wraps
     source: WeightsSource = model.weights_source
     tensors = {name: t.contiguous().clone() for name, t in model.trained_state_dict().items()}
     description = {
@@ -98,21 +100,15 @@ def load_model(
     fused = config.reparameterized
     config.reparameterized = False
     recorded = description["base_weights"]
-    if base_weights is None and recorded["kind"] != "random":
-        base_weights = recorded["reference"]
+    if base_weights is None:
+        base_weights = RANDOM_WEIGHTS if recorded["kind"] == "random" else recorded["reference"]
     with warnings.catch_warnings():
-        if recorded["kind"] == "random" and base_weights is None:  # already warned when it was trained
+        if recorded["kind"] == "random" and base_weights == RANDOM_WEIGHTS:  # already warned when it was trained
             warnings.simplefilter("ignore", RandomWeightsWarning)
         sam2, source = load_sam2(config.size, base_weights, seed=recorded.get("seed", 0))
     model = assemble(config, sam2, source)
     if fused:
         model.reparameterize()
-    if check_fingerprint and model.base_fingerprint() != description["base_fingerprint"]:
-        raise CheckpointError(
-            f"{directory}: the base SAM2 weights ({source.reference or 'random, seed ' + str(source.seed)}) are not "
-            f"the ones this artifact was trained on ({recorded['reference'] or 'random, seed ' + str(recorded['seed'])}); "
-            "pass the original weights as base_weights"
-        )
 
     weights_path = directory / WEIGHTS_FILE
     try:
@@ -121,27 +117,20 @@ def load_model(
         raise CheckpointError(f"{weights_path}: missing; the artifact is incomplete") from None
     except (SafetensorError, OSError) as error:
         raise CheckpointError(f"{weights_path}: not a readable safetensors file ({error})") from None
-    _load_trained_tensors(model, tensors, weights_path)
+    legacy = model.check_trained_tensors(tensors, f"{weights_path} (described by {CONFIG_FILE})")
+    if check_fingerprint and model.base_fingerprint(leave_out=legacy) != description["base_fingerprint"]:
+        raise CheckpointError(
+            f"{directory}: the base SAM2 weights ({source.reference or 'random, seed ' + str(source.seed)}) are not "
+            f"the ones this artifact was trained on ({recorded['reference'] or 'random, seed ' + str(recorded['seed'])}); "
+            "pass the original weights as base_weights"
+        )
+    _load_trained_tensors(model, {k: v for k, v in tensors.items() if k not in legacy}, weights_path)
     return model
 
 
 def _load_trained_tensors(model, tensors: dict[str, torch.Tensor], path: Path) -> None:
-    expected = model.trained_state_dict()
-    missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
-    mismatched = sorted(
-        f"{k} {tuple(tensors[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in set(expected) & set(tensors)
-        if tensors[k].shape != expected[k].shape
-    )
-    if missing or unexpected or mismatched:
-        details = "; ".join(
-            f"{label}: {', '.join(keys[:6])}{' ...' if len(keys) > 6 else ''}"
-            for label, keys in [("missing", missing), ("unexpected", unexpected), ("wrong shape", mismatched)]
-            if keys
-        )
-        raise CheckpointError(f"{path}: does not match the model described by {CONFIG_FILE}: {details}")
+    """Copy the trained tensors in; names and shapes were checked by ``check_trained_tensors``."""
+    state = model.state_dict(keep_vars=True)
     with torch.no_grad():
-        state = model.state_dict(keep_vars=True)
         for name, value in tensors.items():
             state[name].copy_(value)

@@ -93,6 +93,8 @@ def build_model(
 
 def assemble(config: ModelConfig, sam2: nn.Module, source) -> BioSAM2:
     """Freeze ``sam2`` and add the PEG, the adapters and the class heads that ``config`` asks for."""
+    # SAM2's tensors are recognised by identity only here, before anything can move or copy them;
+    # from then on the model knows them by name (peft, for one, renames qkv.weight to qkv.base_layer.weight).
     base_tensor_ids = {id(t) for t in sam2.state_dict(keep_vars=True).values()}
     sam2.requires_grad_(False)
 
@@ -115,7 +117,13 @@ def assemble(config: ModelConfig, sam2: nn.Module, source) -> BioSAM2:
         for part in _DECODER_PARTS_USED:
             getattr(decoder.mask_decoder, part).requires_grad_(True)
         decoder.no_memory_embedding.requires_grad_(True)
-    return BioSAM2(config, encoder, decoder, source, base_tensor_ids)
+    model = BioSAM2(config, encoder, decoder, source)
+    model.frozen_base_names = frozenset(
+        name
+        for name, tensor in model.state_dict(keep_vars=True).items()
+        if id(tensor) in base_tensor_ids and not tensor.requires_grad
+    )
+    return model
 
 
 class ParameterCount(NamedTuple):

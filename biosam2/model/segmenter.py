@@ -33,14 +33,15 @@ class BioSAM2(nn.Module):
         encoder: HieraEncoder,
         decoder: PromptFreeDecoder,
         weights_source: WeightsSource,
-        base_tensor_ids: set[int],
     ):
         super().__init__()
         self.config = config
         self.encoder = encoder
         self.decoder = decoder
         self.weights_source = weights_source
-        self._base_tensor_ids = base_tensor_ids  # identities of SAM2's own tensors, to tell ours apart
+        # State-dict names of SAM2's own tensors that stay frozen: everything else is trained. Set once
+        # by factory.assemble, by name, so that it survives .to(), dtype changes, copies and compile.
+        self.frozen_base_names: frozenset[str] = frozenset()
         self._base_fingerprint: str | None = None
         self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).reshape(1, 3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).reshape(1, 3, 1, 1), persistent=False)
@@ -86,32 +87,76 @@ class BioSAM2(nn.Module):
         """Recompute encoder blocks in the backward pass: less memory for larger batches or images."""
         self.encoder.gradient_checkpointing = enabled
 
-    # What is ours and what is SAM2's ------------------------------------------------------------
-    def is_base_tensor(self, tensor: torch.Tensor) -> bool:
-        return id(tensor) in self._base_tensor_ids
-
+    # What is ours and what is SAM2's: the one answer to "which tensors are trained" ---------------
     def trained_state_dict(self) -> dict[str, torch.Tensor]:
-        """Everything that is not frozen SAM2: new modules (with their buffers) and unfrozen SAM2 tensors."""
+        """Everything that is not frozen SAM2: new modules (with their buffers) and unfrozen SAM2 tensors.
+
+        This is what artifacts and checkpoints hold, and what they are checked against when loaded.
+        """
         return {
             name: tensor.detach()
             for name, tensor in self.state_dict(keep_vars=True).items()
-            if not self.is_base_tensor(tensor) or tensor.requires_grad
+            if name not in self.frozen_base_names
         }
 
     def frozen_base_state_dict(self) -> dict[str, torch.Tensor]:
         return {
             name: tensor.detach()
             for name, tensor in self.state_dict(keep_vars=True).items()
-            if self.is_base_tensor(tensor) and not tensor.requires_grad
+            if name in self.frozen_base_names
         }
 
-    def base_fingerprint(self) -> str:
-        """Fingerprint of the frozen SAM2 weights (cached: frozen tensors never change)."""
-        if self._base_fingerprint is None:
-            from biosam2.model.sam2_weights import fingerprint
+    def check_trained_tensors(self, tensors: dict[str, torch.Tensor], source: str) -> set[str]:
+        """Check that ``tensors`` (of a saved artifact or checkpoint) are exactly this model's trained tensors.
 
+        Returns the names to leave out when loading: SAM2 buffers that files written before trained
+        tensors were told apart by name could carry (Module.to() replaced their objects, so they counted
+        as trained). Anything else missing or unexpected is a CheckpointError naming ``source``.
+        """
+        from biosam2.errors import CheckpointError
+
+        expected = self.trained_state_dict()
+        names, buffers = set(tensors), {name for name, _ in self.named_buffers()}
+        legacy = (names - set(expected)) & self.frozen_base_names & buffers
+        missing, unexpected = sorted(set(expected) - names), sorted(names - set(expected) - legacy)
+        wrong_shape = sorted(
+            f"{name} {tuple(tensors[name].shape)} vs model {tuple(expected[name].shape)}"
+            for name in names & set(expected)
+            if tensors[name].shape != expected[name].shape
+        )
+        if missing or unexpected or wrong_shape:
+            details = "; ".join(
+                f"{label} {len(keys)}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
+                for label, keys in (("wrong shape", wrong_shape), ("missing", missing), ("unexpected", unexpected))
+                if keys
+            )
+            raise CheckpointError(
+                f"{source}: does not match the model it is loaded into (another adapter, SAM2 size or "
+                f"number of classes?): {details}"
+            )
+        return legacy
+
+    def base_fingerprint(self, leave_out: set[str] = frozenset()) -> str:
+        """Fingerprint of the frozen SAM2 weights (cached: frozen tensors never change).
+
+        ``leave_out``: names a file written before the by-name bookkeeping counted as trained; its
+        recorded fingerprint was taken without them.
+        """
+        from biosam2.model.sam2_weights import fingerprint
+
+        if leave_out:
+            frozen = self.frozen_base_state_dict()
+            return fingerprint({k: v for k, v in frozen.items() if k not in leave_out})
+        if self._base_fingerprint is None:
             self._base_fingerprint = fingerprint(self.frozen_base_state_dict())
         return self._base_fingerprint
+
+    def _apply(self, fn, recurse: bool = True):
+        # .to()/.half()/.cuda() all come here: fingerprint the frozen weights as loaded, before a
+        # lower-precision copy could round them and make the artifact's base look like another one.
+        if self.frozen_base_names and self._base_fingerprint is None:
+            self.base_fingerprint()
+        return super()._apply(fn, recurse)
 
     def save_pretrained(self, directory, metadata: dict | None = None) -> None:
         """Write the trained tensors (safetensors) and a JSON config naming the base SAM2 weights."""

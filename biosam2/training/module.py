@@ -87,17 +87,22 @@ class SegmentationModule(L.LightningModule):
         checkpoint["biosam2_base_fingerprint"] = self.model.base_fingerprint()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        recorded = checkpoint.get("biosam2_base_fingerprint")
-        if recorded is not None and recorded != self.model.base_fingerprint():
-            raise CheckpointError(
-                "the checkpoint was trained on other base SAM2 weights than the ones loaded now; "
-                "resume with the same --weights"
-            )
-        expected = {f"model.{name}" for name in self.model.trained_state_dict()}
-        stored = {k for k in checkpoint["state_dict"] if k.startswith("model.")}
-        if stored != expected:
-            missing, unexpected = sorted(expected - stored), sorted(stored - expected)
-            raise CheckpointError(
-                "the checkpoint does not match this model (another adapter, size or number of classes?): "
-                f"missing {missing[:4]}, unexpected {unexpected[:4]}"
-            )
+        check_checkpoint(checkpoint, self.model, "the checkpoint")
+
+
+def check_checkpoint(checkpoint: dict, model: BioSAM2, source: str) -> None:
+    """A training checkpoint must hold exactly ``model``'s trained tensors, trained on the same base SAM2.
+
+    SAM2 buffers that checkpoints from before the by-name bookkeeping may carry are dropped from
+    ``checkpoint`` (in place), and the recorded fingerprint is compared without them.
+    """
+    state = checkpoint.get("state_dict", {})
+    stored = {k.removeprefix("model."): v for k, v in state.items() if k.startswith("model.")}
+    legacy = model.check_trained_tensors(stored, source)
+    for name in legacy:
+        del state[f"model.{name}"]
+    recorded = checkpoint.get("biosam2_base_fingerprint")
+    if recorded is not None and recorded != model.base_fingerprint(leave_out=legacy):
+        raise CheckpointError(
+            f"{source}: trained on other base SAM2 weights than the ones loaded now; resume with the same --weights"
+        )

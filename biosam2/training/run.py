@@ -44,7 +44,7 @@ from biosam2.model.factory import build_model, count_parameters
 from biosam2.model.sam2_weights import prepare_weights
 from biosam2.training.config import TrainConfig
 from biosam2.training.data_module import SegmentationData
-from biosam2.training.module import SegmentationModule
+from biosam2.training.module import SegmentationModule, check_checkpoint
 from biosam2.training.plots import plot_learning_curves, write_overlay
 
 log = logging.getLogger("biosam2")
@@ -280,13 +280,7 @@ def check_resumable(path: Path, model) -> None:
         raise CheckpointError(f"{path}: refused: it contains Python objects other than tensors, which could run code") from None
     except (RuntimeError, EOFError, OSError) as error:
         raise CheckpointError(f"{path}: unreadable or truncated checkpoint ({error}); delete it to resume from best.ckpt's run, or restart") from None
-    stored = {k.removeprefix("model.") for k in checkpoint.get("state_dict", {}) if k.startswith("model.")}
-    expected = set(model.trained_state_dict())
-    if stored != expected:
-        raise CheckpointError(
-            f"{path}: does not match the model being resumed (another adapter, SAM2 size or number of classes?): "
-            f"{len(expected - stored)} tensor(s) missing, {len(stored - expected)} unexpected"
-        )
+    check_checkpoint(checkpoint, model, str(path))
 
 
 def _version_number(path: Path) -> int:
