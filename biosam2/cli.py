@@ -72,7 +72,8 @@ def cmd_train(args: argparse.Namespace) -> int:
             )
         config = saved
     summary = train(args.data, run, config, resume=args.resume, progress_bar=not args.no_progress)
-    _print_summary(run, summary)
+    if summary is not None:  # None in the other processes of a multi-process run
+        _print_summary(run, summary)
     return 0
 
 

@@ -124,7 +124,9 @@ class Evaluator:
             raise ValueError(f"class names must be unique, got {class_names}")
         self.num_classes = num_classes
         self.class_names = [str(name) for name in class_names]
-        self._confusion = MulticlassConfusionMatrix(num_classes=num_classes, validate_args=False)
+        # The evaluator sees every case itself: never sum with other processes (in a multi-GPU run,
+        # rank 0 evaluates alone after training, when the others have already left).
+        self._confusion = MulticlassConfusionMatrix(num_classes=num_classes, validate_args=False, sync_on_compute=False)
         self._cases: list[CaseResult] = []
         self._unit: str | None = None
 

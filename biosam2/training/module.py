@@ -42,7 +42,8 @@ class SegmentationModule(L.LightningModule):
         self.config = config
         self.class_names = list(class_names)
         self.loss = SegmentationLoss(config.loss)
-        # Hard confusion matrix over every pixel of every validation case: the paper's mIoU.
+        # Hard confusion matrix over every pixel of every validation case: the paper's mIoU. With several
+        # processes, compute() sums the matrices of all of them first (each validates its own shard).
         self.val_confusion = MulticlassConfusionMatrix(num_classes=model.num_classes)
         # Checkpoints hold only what is trained; the frozen SAM2 comes from the base weights.
         self.strict_loading = False
@@ -53,7 +54,7 @@ class SegmentationModule(L.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_index: int) -> torch.Tensor:
         images, labels = batch
         loss = self.loss(self.model(images), labels)
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=images.shape[0])
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=images.shape[0], sync_dist=True)
         return loss
 
     def validation_step(self, batch: list[Case], batch_index: int) -> None:

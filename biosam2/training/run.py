@@ -44,6 +44,7 @@ from biosam2.model.factory import build_model, count_parameters
 from biosam2.model.sam2_weights import prepare_weights
 from biosam2.training.config import TrainConfig
 from biosam2.training.data_module import SegmentationData
+from biosam2.training.distributed import is_first_process
 from biosam2.training.module import SegmentationModule, check_checkpoint
 from biosam2.training.plots import plot_learning_curves, write_overlay
 
@@ -78,11 +79,13 @@ class ResumePoint(Callback):
         self.path = path
 
     def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        if not self.path.exists():
+        # Every process must take part in save_checkpoint (it ends at a barrier), so rank 0's view of
+        # the file decides for all: another rank could look after rank 0 has written it.
+        if not trainer.strategy.broadcast(self.path.exists(), src=0):
             trainer.save_checkpoint(self.path)
 
     def on_exception(self, trainer: L.Trainer, module: L.LightningModule, exception: BaseException) -> None:
-        if isinstance(exception, KeyboardInterrupt):
+        if isinstance(exception, KeyboardInterrupt) and trainer.is_global_zero:
             epoch = torch.load(self.path, map_location="cpu", weights_only=True).get("epoch", 0) if self.path.exists() else 0
             log.warning("interrupted: %s holds the state after %d finished epoch(s); continue with --resume", self.path, epoch)
 
@@ -159,18 +162,25 @@ def train(
     resume: bool = False,
     progress_bar: bool = True,
     callbacks: list[Callback] | None = None,
-) -> dict[str, Any]:
+) -> dict[str, Any] | None:
     """Train, select the best epoch on validation, save the artifact, evaluate on the test split.
 
     ``callbacks`` are extra Lightning callbacks (early stopping, custom logging, ...).
+
+    With several processes (``devices``/``num_nodes`` > 1, or started by torchrun/SLURM), every process
+    trains on its own shard and validation sums one confusion matrix over all of them; only global
+    rank 0 creates and writes the run directory, the artifact, the test predictions and the reports.
+    The summary is returned there; the other processes return None once training has ended.
     """
     started = time.time()
     data, run = Path(data), Path(run)
     last = run / "checkpoints" / "last.ckpt"
+    first = is_first_process()
     if resume:
         if not last.exists():
             raise ConfigError(f"{run}: nothing to resume (no checkpoints/last.ckpt); start the run without --resume")
-    elif (run / CONFIG_FILE).exists() or last.exists():
+    elif first and ((run / CONFIG_FILE).exists() or last.exists()):
+        # Only the first process may judge: DDP's re-launched ranks see the run that rank 0 just began.
         raise ConfigError(f"{run}: already holds a run; use --resume to continue it, or another --out")
 
     # Everything that can fail on bad input happens before the run directory exists; the SAM2 weights
@@ -185,8 +195,6 @@ def train(
     model = build_model(num_classes=spec.num_classes, seed=config.seed, **config.model_options(), weights=config.weights)
     if resume:
         check_resumable(last, model)
-    run.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run / CONFIG_FILE, config.to_yaml())
     run_info = {
         "dataset": str(data.resolve()),
         "dataset_name": spec.name,
@@ -196,8 +204,11 @@ def train(
         "normalization": normalization.to_dict(),
         "split": {"note": split.note, "train": [c.case_id for c in split.train], "val": [c.case_id for c in split.val], "test": [c.case_id for c in split.test]},
     }
-    atomic_write_json(run / RUN_FILE, run_info)
-    log.info("dataset %s: %d train / %d val / %d test cases (%s)", spec.name, len(split.train), len(split.val), len(split.test), split.note)
+    if first:
+        run.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run / CONFIG_FILE, config.to_yaml())
+        atomic_write_json(run / RUN_FILE, run_info)
+        log.info("dataset %s: %d train / %d val / %d test cases (%s)", spec.name, len(split.train), len(split.val), len(split.test), split.note)
 
     model.set_gradient_checkpointing(config.gradient_checkpointing)
     module = SegmentationModule(model, config, spec.class_names)
@@ -239,6 +250,8 @@ def train(
             raise
     if trainer.interrupted:
         raise KeyboardInterrupt
+    if not trainer.is_global_zero:  # rank 0 alone writes the artifact, predictions and reports
+        return None
 
     # The best epoch's weights, in inference form, as the run's artifact.
     best_path = Path(best.best_model_path) if best.best_model_path else last
