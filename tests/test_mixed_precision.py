@@ -45,7 +45,11 @@ class DecoderDtypes(Callback):
         self.dtypes: set[torch.dtype] = set()
 
     def on_train_start(self, trainer, module):
-        module.model.decoder.register_forward_hook(lambda _m, _i, out: self.dtypes.add(out.dtype) if module.training else None)
+        def record(_module, _inputs, out):
+            if module.training:
+                self.dtypes.add(out.dtype)
+
+        module.model.decoder.register_forward_hook(record)
 
 
 def _train_losses(run: Path) -> list[float]:
@@ -141,7 +145,8 @@ def test_prediction_precision_choices():
     assert Predictor(model, device="cpu").autocast_dtype is None  # default on the CPU: fp32, as before
     assert Predictor(model, device="cpu", precision="bf16-mixed").autocast_dtype is torch.bfloat16
     probabilities = Predictor(model, device="cpu", precision="bf16-mixed").probabilities_2d(torch.rand(1, 3, 40, 50))
-    assert probabilities.dtype == torch.float32 and torch.allclose(probabilities.sum(1), torch.ones(1, 40, 50), atol=1e-5)
+    assert probabilities.dtype == torch.float32
+    assert torch.allclose(probabilities.sum(1), torch.ones(1, 40, 50), atol=1e-5)
     with pytest.raises(ConfigError, match="precision='bf16': choose one of auto, 32, bf16-mixed, 16-mixed"):
         Predictor(model, device="cpu", precision="bf16")
     # The capability probe is real autocast: torch turns CPU autocast off (with a warning) for float64.

@@ -104,7 +104,10 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     dtype = _AUTOCAST_DTYPES[precision]
     if not _autocast_works(device, dtype):
         other = "bf16-mixed" if precision == "16-mixed" else "16-mixed"
-        raise ConfigError(f"precision={precision!r}: torch {torch.__version__} cannot autocast to {dtype} on {device}; choose 32 or {other}")
+        raise ConfigError(
+            f"precision={precision!r}: torch {torch.__version__} cannot autocast to {dtype} on {device}; "
+            f"choose 32 or {other}"
+        )
     return dtype
 
 

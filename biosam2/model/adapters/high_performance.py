@@ -39,6 +39,7 @@ class ModulatedDeformableConv(nn.Module):
         with torch.autocast(x.device.type, enabled=False):
             out = deform_conv2d(
                 x.float(), offset.float(), conv.weight.float(), None if conv.bias is None else conv.bias.float(),
-                stride=conv.stride, padding=conv.padding, dilation=conv.dilation, mask=torch.sigmoid(mask_logits.float()),
+                stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
+                mask=torch.sigmoid(mask_logits.float()),
             )
         return out.to(x.dtype)
