@@ -114,6 +114,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         overlays=args.overlays,
         batch_size=args.batch_size,
         device=args.device,
+        precision=args.precision,
         overwrite=args.overwrite,
     )
     print(f"{len(written)} label map(s) written to {args.out}")
@@ -224,6 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--overlays", action="store_true", help="also write PNG overlays")
     predict.add_argument("--batch-size", type=int, default=8)
     predict.add_argument("--device", help="cpu, cuda, cuda:1 (default: cuda if available)")
+    predict.add_argument(
+        "--precision", choices=PRECISIONS, default="auto",
+        help="auto: mixed on GPU, fp32 on CPU; bf16-mixed and 16-mixed autocast on the CPU too (default: %(default)s)",
+    )
     predict.add_argument("--weights", help="base SAM2 weights, if not found at the path recorded in the artifact")
     predict.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     predict.set_defaults(handler=cmd_predict)

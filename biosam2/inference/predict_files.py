@@ -114,16 +114,20 @@ def predict_files(
     overlays: bool = False,
     batch_size: int = 8,
     device: str | None = None,
+    precision: str = "auto",
     overwrite: bool = False,
 ) -> list[Path]:
-    """Predict every input case and write the results to ``output``; returns the label map paths."""
+    """Predict every input case and write the results to ``output``; returns the label map paths.
+
+    ``precision``: "auto" (mixed on CUDA, fp32 on the CPU), "32", "bf16-mixed" or "16-mixed" (see Predictor).
+    """
     from biosam2.training.plots import write_overlay
 
     inputs, output = Path(inputs), Path(output)
     cases = find_inputs(inputs)
     check_output_location(inputs, output)
     input_files = {p.resolve() for case in cases for p in case.files}
-    predictor = Predictor(model, batch_size=batch_size, device=device)
+    predictor = Predictor(model, batch_size=batch_size, device=device, precision=precision)
     created = not output.exists()
     output.mkdir(parents=True, exist_ok=True)
     # Results go to a staging folder and are moved into place only once every case succeeded:

@@ -4,15 +4,24 @@
   predicted in overlapping tiles blended with Gaussian weights (MONAI's sliding-window inference),
   which bounds memory whatever the image size.
 - 3-D volumes are predicted slice by slice (last axis), ``batch_size`` slices at a time.
+- ``precision``: ``"auto"`` (mixed on CUDA: bf16 where supported, else fp16; fp32 elsewhere), ``"32"``,
+  ``"bf16-mixed"`` or ``"16-mixed"`` (autocast on the predictor's device, the CPU included).
+  Probabilities are float32 whatever the precision.
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import numpy as np
 import torch
 from monai.inferers import sliding_window_inference
+
+from biosam2.errors import ConfigError
+from biosam2.options import PRECISIONS
+
+_AUTOCAST_DTYPES = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
 
 
 class Predictor:
@@ -22,6 +31,7 @@ class Predictor:
         *,
         batch_size: int = 8,
         device: str | torch.device | None = None,
+        precision: str = "auto",
         mixed_precision: bool | None = None,
         max_side: int = 2048,
         tile_size: int = 1024,
@@ -30,15 +40,18 @@ class Predictor:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model.to(self.device).eval()
         self.batch_size = batch_size
-        self.mixed_precision = self.device.type == "cuda" if mixed_precision is None else mixed_precision
+        if mixed_precision is not None:  # the older switch: False = "32", True = "auto"
+            precision = "auto" if mixed_precision else "32"
+        self.autocast_dtype = autocast_dtype(precision, self.device)
         self.max_side = max_side
         self.tile_size = tile_size
         self.tile_overlap = tile_overlap
 
     def _autocast(self):
-        if self.mixed_precision and self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
-        return contextlib.nullcontext()
+        # "32" adds no autocast of its own: inside Lightning's validation loop the trainer's precision applies.
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     @torch.no_grad()
     def probabilities_2d(self, batch: torch.Tensor) -> torch.Tensor:
@@ -76,6 +89,39 @@ class Predictor:
                     probabilities = np.empty((chunk.shape[1], *image.shape[1:]), dtype=np.float32)
                 probabilities[..., start : start + chunk.shape[0]] = np.moveaxis(chunk.numpy(), 0, -1)
         return compact_labels(labels), probabilities
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The dtype to autocast to on ``device`` for a precision name (None: no autocast), or a ConfigError."""
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision={precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if precision == "auto":
+        if device.type != "cuda":
+            return None
+        precision = "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    if precision == "32":
+        return None
+    dtype = _AUTOCAST_DTYPES[precision]
+    if not _autocast_works(device, dtype):
+        other = "bf16-mixed" if precision == "16-mixed" else "16-mixed"
+        raise ConfigError(
+            f"precision={precision!r}: torch {torch.__version__} cannot autocast to {dtype} on {device}; "
+            f"choose 32 or {other}"
+        )
+    return dtype
+
+
+def _autocast_works(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether a matmul under autocast really comes out in ``dtype`` (torch turns autocast off, with only a
+    warning, for a dtype the device does not support, and raises for bf16 on pre-Ampere GPUs)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            with torch.autocast(device.type, dtype=dtype):
+                ones = torch.ones(2, 2, device=device)
+                return (ones @ ones).dtype == dtype
+    except RuntimeError:
+        return False
 
 
 def compact_labels(labels: np.ndarray) -> np.ndarray:

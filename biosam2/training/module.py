@@ -29,6 +29,9 @@ class SegmentationLoss(nn.Module):
         self.dice = DiceLoss(to_onehot_y=True, softmax=True, ignore_index=IGNORE_INDEX) if kind == "dice_ce" else None
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        # Under bf16/fp16 autocast the logits are half precision and neither CE (not on CPU autocast's
+        # float32 list) nor MONAI's soft Dice casts them: their softmax and sums over pixels need float32.
+        logits = logits.float()
         loss = self.cross_entropy(logits, target)
         if self.dice is not None:
             loss = loss + self.dice(logits, target[:, None])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torchvision.ops import DeformConv2d
+from torchvision.ops import DeformConv2d, deform_conv2d
 
 
 class ModulatedDeformableConv(nn.Module):
@@ -32,4 +32,14 @@ class ModulatedDeformableConv(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         offset, mask_logits = self.offset_and_mask(x).split([2 * self.taps, self.taps], dim=1)
-        return self.conv(x, offset, torch.sigmoid(mask_logits))
+        # torchvision's deformable convolution has no bfloat16 kernel (CPU or CUDA) and no CPU autocast
+        # rule, so under mixed precision or on a .bfloat16() model it would raise: it always runs in
+        # float32 with autocast off (a no-op for fp32 tensors) and hands back the input's dtype.
+        conv = self.conv
+        with torch.autocast(x.device.type, enabled=False):
+            out = deform_conv2d(
+                x.float(), offset.float(), conv.weight.float(), None if conv.bias is None else conv.bias.float(),
+                stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
+                mask=torch.sigmoid(mask_logits.float()),
+            )
+        return out.to(x.dtype)
