@@ -1,7 +1,11 @@
 """``predict``: label maps for a file, a folder or a volume, written next to nothing the user gave us.
 
-- Input files named like a dataset's (``CASE_0000.png``, ``CASE_0001.png``, ...) are grouped into
-  cases and written as ``CASE.png``; other files keep their name (``scan.nii.gz`` -> ``scan.nii.gz``).
+- Every input file is its own image and keeps its name (``frame_0001.png`` -> ``frame_0001.png``,
+  ``scan.nii.gz`` -> ``scan.nii.gz``). nnU-Net channel files (``CASE_0000.png``, ``CASE_0001.png``,
+  ...) are grouped into one case written as ``CASE.png`` only in a dataset's images folder
+  (``imagesTr``/``imagesTs`` beside a ``dataset.json``) or when asked for (``channel_files=True``,
+  ``--channel-files``): a plain folder of ``frame_0000.png, frame_0001.png, ...`` is a sequence of
+  separate frames, not one multi-channel case.
 - 2-D results are PNG label maps of the input's size; 3-D results are volumes in the input's format
   with exactly its affine, spacing and header.
 - Consecutive 2-D inputs of the same size are predicted in batches of ``batch_size``.
@@ -48,8 +52,16 @@ class InputCase:
     files: list[Path]  # one per channel file, in channel order
 
 
-def find_inputs(source: Path) -> list[InputCase]:
-    """The cases to predict: one file, or every supported image/volume in a folder (not recursive)."""
+def is_dataset_images_folder(source: Path) -> bool:
+    """``DATASET/imagesTs`` (or imagesTr, ...): nnU-Net's channel-file naming applies there."""
+    return source.is_dir() and source.name.startswith("images") and (source.parent / "dataset.json").is_file()
+
+
+def find_inputs(source: Path, channel_files: bool | None = None) -> list[InputCase]:
+    """The cases to predict: one file, or every supported image/volume in a folder (not recursive).
+
+    ``channel_files``: group nnU-Net channel files into cases; None: only in a dataset's images folder.
+    """
     if not source.exists():
         raise DataError(f"{source}: input not found")
     files = [source] if source.is_file() else sorted(
@@ -57,10 +69,17 @@ def find_inputs(source: Path) -> list[InputCase]:
     )
     if not files:
         raise DataError(f"{source}: no images or volumes to predict (supported: {', '.join(IMAGE_2D_ENDINGS + VOLUME_ENDINGS)})")
+    if channel_files is None:
+        channel_files = is_dataset_images_folder(source)
     groups: dict[str, dict[int, Path]] = {}
     for path in files:
         stem = path.name[: -len(file_ending(path))]
-        match = _CHANNEL_FILE.match(stem)
+        match = _CHANNEL_FILE.match(stem) if channel_files else None
+        if channel_files and not match:
+            raise DataError(
+                f"{path}: not named like an nnU-Net channel file (CASE_0000{file_ending(path)}, CASE_0001...); "
+                "rename it, or leave out --channel-files to predict every file as its own image"
+            )
         name, channel = (match.group(1), int(match.group(2))) if match else (stem, 0)
         if channel in groups.setdefault(name, {}):
             raise DataError(f"{path}: two inputs would both be written as {name}; rename one")
@@ -115,12 +134,17 @@ def predict_files(
     batch_size: int = 8,
     device: str | None = None,
     overwrite: bool = False,
+    channel_files: bool | None = None,
 ) -> list[Path]:
-    """Predict every input case and write the results to ``output``; returns the label map paths."""
+    """Predict every input case and write the results to ``output``; returns the label map paths.
+
+    ``channel_files``: group nnU-Net channel files (``CASE_0000``, ``CASE_0001``, ...) into one case;
+    None (default) does so only for a dataset's images folder (``imagesTs`` beside ``dataset.json``).
+    """
     from biosam2.training.plots import write_overlay
 
     inputs, output = Path(inputs), Path(output)
-    cases = find_inputs(inputs)
+    cases = find_inputs(inputs, channel_files)
     check_output_location(inputs, output)
     input_files = {p.resolve() for case in cases for p in case.files}
     predictor = Predictor(model, batch_size=batch_size, device=device)

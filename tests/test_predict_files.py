@@ -1,0 +1,93 @@
+"""`predict` on real files: which files form one case, channel checks against the run, TIFF pages
+and samples, EXIF orientation, and publishing the results all at once."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import biosam2
+from biosam2.cli import main
+
+GREY = {"0": "microscopy"}
+RGB = {"0": "R", "1": "G", "2": "B"}
+MRI = {"0": "T1", "1": "T2", "2": "FLAIR"}
+
+
+@pytest.fixture(scope="module")
+def model_folder(tmp_path_factory) -> Path:
+    """One random-weight artifact; runs with different metadata are copies of it."""
+    folder = tmp_path_factory.mktemp("model") / "model"
+    model = biosam2.build_model("tiny", weights="random", num_classes=3, adapter="lw")
+    model.save_pretrained(folder, metadata={})
+    return folder
+
+
+def make_run(model_folder: Path, where: Path, channel_names: dict[str, str] | None) -> Path:
+    run = where / "run"
+    shutil.copytree(model_folder, run / "model")
+    description = json.loads((run / "model" / "biosam2.json").read_text())
+    description["metadata"] = {"normalization": {"scheme": "uint8"}, "labels": {"background": 0, "a": 1, "b": 2}}
+    if channel_names is not None:
+        description["metadata"]["channel_names"] = channel_names
+    (run / "model" / "biosam2.json").write_text(json.dumps(description))
+    return run
+
+
+def grey(path: Path, shape=(24, 40), seed=0) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)).save(path)
+    return path
+
+
+def predict(run: Path, inputs: Path, out: Path, *options: str) -> int:
+    return main(["predict", str(run), str(inputs), str(out), "--device", "cpu", *options])
+
+
+def names(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+# ---- 1. which files form one case -------------------------------------------------------------------
+@pytest.mark.parametrize("indices", [(0, 1, 2), (1, 2, 3, 4, 5)])
+def test_plain_folder_every_file_is_its_own_image(indices, model_folder, tmp_path):
+    """frame_0000..0002 are three frames, not one RGB case; frame_0001..0005 are not refused."""
+    run = make_run(model_folder, tmp_path, GREY)
+    for i in indices:
+        grey(tmp_path / "in" / f"frame_{i:04d}.png", seed=i)
+    assert predict(run, tmp_path / "in", tmp_path / "out") == 0
+    assert names(tmp_path / "out") == [f"frame_{i:04d}.png" for i in indices]
+    for i in indices:
+        assert np.asarray(Image.open(tmp_path / "out" / f"frame_{i:04d}.png")).shape == (24, 40)
+
+
+def test_channel_files_option_groups_nnunet_cases(model_folder, tmp_path):
+    run = make_run(model_folder, tmp_path, MRI)
+    for i in range(3):
+        grey(tmp_path / "in" / f"brain_{i:04d}.png", seed=i)
+    assert predict(run, tmp_path / "in", tmp_path / "out", "--channel-files") == 0
+    assert names(tmp_path / "out") == ["brain.png"]
+
+
+def test_dataset_images_folder_groups_channel_files(model_folder, tmp_path):
+    run = make_run(model_folder, tmp_path, GREY)
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "dataset.json").write_text(json.dumps({"channel_names": GREY, "labels": {"background": 0, "a": 1}, "file_ending": ".png"}))
+    for case in ("c1", "c2"):
+        grey(data / "imagesTs" / f"{case}_0000.png")
+    assert predict(run, data / "imagesTs", tmp_path / "out") == 0
+    assert names(tmp_path / "out") == ["c1.png", "c2.png"]  # named like labelsTs, for `evaluate`
+
+
+def test_channel_files_option_refuses_files_without_the_suffix(model_folder, tmp_path, capsys):
+    run = make_run(model_folder, tmp_path, GREY)
+    grey(tmp_path / "in" / "scan.png")
+    assert predict(run, tmp_path / "in", tmp_path / "out", "--channel-files") == 2
+    assert "scan.png: not named like an nnU-Net channel file" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
