@@ -115,6 +115,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         device=args.device,
         overwrite=args.overwrite,
         channel_files=args.channel_files,
+        channel_names=metadata.get("channel_names"),
     )
     print(f"{len(written)} label map(s) written to {args.out}")
     return 0

@@ -51,11 +51,14 @@ def dataset_3d(root: Path, *, label_affine: np.ndarray | None = None, nan: bool 
     return data
 
 
-def run_directory(root: Path, num_classes: int = 4) -> Path:
+def run_directory(root: Path, num_classes: int = 4, channel_names: dict[str, str] | None = None) -> Path:
     """A run as `predict` needs it: the model artifact with its metadata (no training needed)."""
     model = biosam2.build_model("tiny", weights="random", num_classes=num_classes, adapter="lw")
     labels = {"background": 0, **{f"class_{i}": i for i in range(1, num_classes)}}
-    model.save_pretrained(root / "run" / "model", metadata={"normalization": {"scheme": "uint8"}, "labels": labels})
+    metadata = {"normalization": {"scheme": "uint8"}, "labels": labels}
+    if channel_names is not None:
+        metadata["channel_names"] = channel_names
+    model.save_pretrained(root / "run" / "model", metadata=metadata)
     return root / "run"
 
 
@@ -230,7 +233,24 @@ def _artifact_wrong_base(tmp: Path) -> list[str]:
     return ["predict", str(run_directory(tmp)), str(png_input(tmp)), str(tmp / "predictions"), "--weights", str(tmp / "sam2.1_hiera_tiny.pt")]
 
 
+def _rgb_input(tmp: Path) -> Path:
+    path = tmp / "inputs" / "photo.png"
+    write_image_png(path, (np.random.default_rng(4).random((40, 60, 3)) * 255).astype(np.uint8))
+    return path
+
+
+MRI = {"0": "T1", "1": "T2", "2": "FLAIR"}
 SCENARIOS.update({
+    "predict: T1 only into a T1/T2/FLAIR model": Scenario(
+        _predict(lambda tmp: png_input(tmp, "brain_0000.png"), lambda tmp: run_directory(tmp, channel_names=MRI)),
+        ("brain_0000.png", "1 channel(s) (grey)", "trained on 3 (T1, T2, FLAIR)", "--channel-files"),
+        ("predictions",),
+    ),
+    "predict: RGB into a grey model": Scenario(
+        _predict(_rgb_input, lambda tmp: run_directory(tmp, channel_names={"0": "EM"})),
+        ("photo.png", "3 channel(s) (colour (RGB))", "trained on 1 (EM)", "convert it to grey"),
+        ("predictions",),
+    ),
     "predict: truncated PNG": Scenario(_predict(_truncated_png), ("scan.png", "truncated"), ("predictions",)),
     "predict: truncated JPEG": Scenario(_predict(_truncated_jpeg), ("scan.jpg", "truncated"), ("predictions",)),
     "predict: truncated .nii.gz": Scenario(_predict(_truncated_nifti), ("scan.nii.gz", "truncated"), ("predictions",)),

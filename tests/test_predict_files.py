@@ -91,3 +91,20 @@ def test_channel_files_option_refuses_files_without_the_suffix(model_folder, tmp
     assert predict(run, tmp_path / "in", tmp_path / "out", "--channel-files") == 2
     assert "scan.png: not named like an nnU-Net channel file" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+# ---- 2. the input's channels against the run's ----------------------------------------------------
+def test_grey_image_into_colour_model_is_predicted_as_grey_colour_with_a_warning(model_folder, tmp_path):
+    run = make_run(model_folder, tmp_path, RGB)
+    grey(tmp_path / "in" / "scan.png")
+    with pytest.warns(UserWarning, match=r"scan.png: grey image into a colour \(RGB\) model"):
+        assert predict(run, tmp_path / "in", tmp_path / "out") == 0
+    assert np.asarray(Image.open(tmp_path / "out" / "scan.png")).shape == (24, 40)
+
+
+def test_channel_files_of_a_case_missing_one_are_refused(model_folder, tmp_path, capsys):
+    run = make_run(model_folder, tmp_path, MRI)
+    for i in range(2):
+        grey(tmp_path / "in" / f"brain_{i:04d}.png", seed=i)
+    assert predict(run, tmp_path / "in", tmp_path / "out", "--channel-files") == 2
+    assert "brain_0000.png: has 2 channel(s) but the model was trained on 3 (T1, T2, FLAIR)" in capsys.readouterr().err

@@ -109,12 +109,46 @@ def normalization_for(image: np.ndarray, normalization: Normalization, path: Pat
     return normalization
 
 
-def load_input(case: InputCase) -> tuple[np.ndarray, LoadedImage]:
+def load_input(case: InputCase, channel_names: dict[str, str] | None = None) -> tuple[np.ndarray, LoadedImage]:
     loaded = [read_image(path) for path in case.files]
     image = np.concatenate([channels_first(item) for item in loaded], axis=0)
+    if channel_names:
+        image = check_channels(image, case, channel_names, loaded[0].is_volume)
     if image.shape[0] not in (1, 3):
         raise DataError(f"{case.files[0]}: {image.shape[0]} channels; biosam2 models take 1 (grey) or 3 (colour)")
     return image, loaded[0]
+
+
+def check_channels(image: np.ndarray, case: InputCase, channel_names: dict[str, str], is_volume: bool) -> np.ndarray:
+    """The input's channels against the run's ``channel_names``.
+
+    A grey 2-D image into an RGB model is accepted (with a warning) as the colour image R = G = B it
+    is: SAM2 itself sees grey images that way. Anything else that differs is refused: a T1-only file
+    into a T1/T2/FLAIR model, or a colour image into a grey model, would be predicted from the wrong
+    inputs.
+    """
+    from biosam2.data.dataset_format import is_colour
+
+    expected, found = len(channel_names), image.shape[0]
+    if found == expected:
+        return image
+    colour_model = is_colour(channel_names) and not is_volume
+    if found == 1 and colour_model:
+        warnings.warn(f"{case.files[0]}: grey image into a colour (RGB) model; predicted as the colour image R = G = B", stacklevel=2)
+        return np.repeat(image, 3, axis=0)
+    kind = {1: "grey", 3: "colour (RGB)"}.get(found, "")
+    has = f"{found} channel(s){f' ({kind})' if kind and len(case.files) == 1 else ''}"
+    if found < expected and not colour_model:
+        fix = (f"give the {expected} channels as files CASE_0000..CASE_{expected - 1:04d} with --channel-files"
+               if len(case.files) == 1 else f"give all {expected} channel files CASE_0000..CASE_{expected - 1:04d}")
+    elif found == 3 and expected == 1:
+        fix = "convert it to grey, or use a model trained on colour images"
+    else:
+        fix = "use a model trained on this kind of image"
+    raise DataError(
+        f"{case.files[0]}: has {has} but the model was trained on {expected} "
+        f"({', '.join(channel_names.values())}); {fix}"
+    )
 
 
 def output_path(folder: Path, case: InputCase, reference: LoadedImage) -> Path:
@@ -135,11 +169,13 @@ def predict_files(
     device: str | None = None,
     overwrite: bool = False,
     channel_files: bool | None = None,
+    channel_names: dict[str, str] | None = None,
 ) -> list[Path]:
     """Predict every input case and write the results to ``output``; returns the label map paths.
 
     ``channel_files``: group nnU-Net channel files (``CASE_0000``, ``CASE_0001``, ...) into one case;
     None (default) does so only for a dataset's images folder (``imagesTs`` beside ``dataset.json``).
+    ``channel_names``: the run's (dataset.json's); each input's channels are checked against them.
     """
     from biosam2.training.plots import write_overlay
 
@@ -175,7 +211,7 @@ def predict_files(
                 pending.clear()
 
         for case in cases:
-            raw, reference = load_input(case)
+            raw, reference = load_input(case, channel_names)
             destination = output_path(output, case, reference)
             if destination.resolve() in input_files:
                 raise ConfigError(f"{destination}: would overwrite an input; choose another output folder")
