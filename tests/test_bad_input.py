@@ -121,7 +121,21 @@ def _missing_keys(data: Path) -> None:
     (data / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "cell": 1}}))
 
 
+def _tiff_z_stack(data: Path) -> None:
+    """The dataset as TIFFs, one image a 3-page grey stack (once read as an RGB image)."""
+    import tifffile
+
+    for path in sorted(data.glob("*/*.png")):
+        tifffile.imwrite(path.with_suffix(".tif"), np.asarray(Image.open(path)))
+        path.unlink()
+    spec = json.loads((data / "dataset.json").read_text())
+    (data / "dataset.json").write_text(json.dumps({**spec, "file_ending": ".tif"}))
+    page = tifffile.imread(data / "imagesTr" / "syn_001_0000.tif")
+    tifffile.imwrite(data / "imagesTr" / "syn_001_0000.tif", np.stack([page] * 3), photometric="minisblack")
+
+
 DATASET_DEFECTS = {
+    "multi-page TIFF in a 2-D dataset": (_tiff_z_stack, ("syn_001_0000.tif", "3-page TIFF z-stack in a 2-D dataset")),
     "truncated PNG": (lambda d: truncate(d / "imagesTr" / "syn_000_0000.png"), ("syn_000_0000.png", "truncated")),
     "not an image": (lambda d: (d / "imagesTr" / "syn_000_0000.png").write_text("hello"), ("syn_000_0000.png", "cannot be read")),
     "zero-size file": (lambda d: (d / "imagesTr" / "syn_000_0000.png").write_bytes(b""), ("syn_000_0000.png", "cannot be read")),

@@ -108,3 +108,51 @@ def test_channel_files_of_a_case_missing_one_are_refused(model_folder, tmp_path,
         grey(tmp_path / "in" / f"brain_{i:04d}.png", seed=i)
     assert predict(run, tmp_path / "in", tmp_path / "out", "--channel-files") == 2
     assert "brain_0000.png: has 2 channel(s) but the model was trained on 3 (T1, T2, FLAIR)" in capsys.readouterr().err
+
+
+# ---- 3. TIFF pages are not samples ------------------------------------------------------------------
+def write_stack(path: Path, pages: int, *, separate_series: bool = False) -> np.ndarray:
+    import tifffile
+
+    stack = np.random.default_rng(pages).integers(0, 256, (pages, 24, 40), dtype=np.uint8)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if separate_series:  # one series per page, as tifffile writes non-contiguous pages
+        with tifffile.TiffWriter(path) as writer:
+            for page in stack:
+                writer.write(page, photometric="minisblack", contiguous=False)
+    else:
+        tifffile.imwrite(path, stack, photometric="minisblack")
+    return stack
+
+
+@pytest.mark.parametrize("pages,separate_series", [(3, False), (4, False), (3, True)])
+def test_grey_z_stack_is_a_volume_predicted_page_by_page(pages, separate_series, model_folder, tmp_path):
+    import tifffile
+
+    from biosam2.data.image_io import read_image
+
+    stack = write_stack(tmp_path / "in" / "stack.tif", pages, separate_series=separate_series)
+    loaded = read_image(tmp_path / "in" / "stack.tif")
+    assert loaded.is_volume and loaded.array.shape == (24, 40, pages)
+    np.testing.assert_array_equal(np.moveaxis(loaded.array, -1, 0), stack)
+    run = make_run(model_folder, tmp_path, GREY)
+    assert predict(run, tmp_path / "in", tmp_path / "out") == 0
+    assert names(tmp_path / "out") == ["stack.tif"]
+    with tifffile.TiffFile(tmp_path / "out" / "stack.tif") as result:
+        assert len(result.pages) == pages and result.series[0].shape == (pages, 24, 40)
+
+
+@pytest.mark.parametrize("planar", [False, True])
+def test_rgb_tiff_is_still_one_colour_image(planar, tmp_path):
+    import tifffile
+
+    from biosam2.data.image_io import read_image
+
+    rgb = np.random.default_rng(0).integers(0, 256, (24, 40, 3), dtype=np.uint8)
+    if planar:
+        tifffile.imwrite(tmp_path / "rgb.tif", np.moveaxis(rgb, -1, 0), photometric="rgb", planarconfig="separate")
+    else:
+        tifffile.imwrite(tmp_path / "rgb.tif", rgb, photometric="rgb")
+    loaded = read_image(tmp_path / "rgb.tif")
+    assert not loaded.is_volume
+    np.testing.assert_array_equal(loaded.array, rgb)
