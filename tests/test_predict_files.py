@@ -156,3 +156,50 @@ def test_rgb_tiff_is_still_one_colour_image(planar, tmp_path):
     loaded = read_image(tmp_path / "rgb.tif")
     assert not loaded.is_volume
     np.testing.assert_array_equal(loaded.array, rgb)
+
+
+# ---- 4. EXIF orientation ----------------------------------------------------------------------------
+def shown(path: Path) -> np.ndarray:
+    from PIL import ImageOps
+
+    return np.asarray(ImageOps.exif_transpose(Image.open(path)))
+
+
+@pytest.mark.parametrize("ending", [".jpg", ".png", ".tif"])
+@pytest.mark.parametrize("orientation", range(2, 9))
+def test_orientation_tag_is_applied_to_images_and_masks(orientation, ending, tmp_path):
+    from biosam2.data.image_io import read_image, read_label
+
+    pixels = np.arange(12 * 20, dtype=np.uint8).reshape(12, 20) % 7  # asymmetric, and valid as a label map
+    image = Image.fromarray(pixels)
+    path = tmp_path / f"photo{ending}"
+    if ending == ".tif":
+        image.save(path, tiffinfo={274: orientation})
+    else:
+        exif = image.getexif()
+        exif[0x0112] = orientation
+        image.save(path, exif=exif)
+    expected = shown(path) if ending != ".tif" else shown(_png_twin(tmp_path, pixels, orientation))
+    np.testing.assert_array_equal(read_image(path).array, expected)  # a JPEG's expected pixels are PIL's decoding of it
+    if ending != ".jpg":
+        np.testing.assert_array_equal(read_label(path).array, expected)
+
+
+def _png_twin(tmp_path: Path, pixels: np.ndarray, orientation: int) -> Path:
+    """The same pixels and orientation as PNG, whose displayed form PIL's exif_transpose defines."""
+    image = Image.fromarray(pixels)
+    exif = image.getexif()
+    exif[0x0112] = orientation
+    image.save(tmp_path / "twin.png", exif=exif)
+    return tmp_path / "twin.png"
+
+
+def test_prediction_of_an_exif_rotated_photo_is_in_the_shown_orientation(model_folder, tmp_path):
+    run = make_run(model_folder, tmp_path, RGB)
+    photo = Image.fromarray(np.random.default_rng(0).integers(0, 256, (24, 40, 3), dtype=np.uint8))
+    exif = photo.getexif()
+    exif[0x0112] = 6  # stored 40 wide, shown 24 wide (rotated 90 degrees clockwise)
+    (tmp_path / "in").mkdir()
+    photo.save(tmp_path / "in" / "photo.jpg", exif=exif)
+    assert predict(run, tmp_path / "in", tmp_path / "out") == 0
+    assert np.asarray(Image.open(tmp_path / "out" / "photo.png")).shape == shown(tmp_path / "in" / "photo.jpg").shape[:2] == (40, 24)

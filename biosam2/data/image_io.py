@@ -110,8 +110,13 @@ def _check_contents(loaded: LoadedImage) -> None:
 def _read_pil(path: Path) -> LoadedImage:
     from PIL import Image
 
-    with Image.open(path) as image:
-        image.load()  # decode now, so a truncated file fails here, with its name
+    from PIL import ImageOps
+
+    with Image.open(path) as opened:
+        opened.load()  # decode now, so a truncated file fails here, with its name
+        # Pixels as every viewer shows them (EXIF orientation applied), for images and masks alike:
+        # a phone photo stored sideways must pair with its mask and get its labels the right way up.
+        image = ImageOps.exif_transpose(opened)
         mode = image.mode
         if mode == "P":
             image = image.convert("RGBA" if "transparency" in image.info else "RGB")
@@ -123,6 +128,19 @@ def _read_pil(path: Path) -> LoadedImage:
     if array.ndim == 3 and array.shape[2] == 4:  # RGBA: alpha carries no intensity
         array = array[..., :3]
     return LoadedImage(np.ascontiguousarray(array), path, (1.0, 1.0))
+
+
+# TIFF/EXIF orientation (tag 274) -> the pixels as shown, on axes (0, 1): what PIL's exif_transpose does.
+_ORIENTED = {
+    1: lambda a: a,
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: a.swapaxes(0, 1),
+    6: lambda a: np.rot90(a, -1),
+    7: lambda a: np.rot90(a, 2).swapaxes(0, 1),
+    8: lambda a: np.rot90(a, 1),
+}
 
 
 def _read_tiff(path: Path) -> LoadedImage:
@@ -143,6 +161,9 @@ def _read_tiff(path: Path) -> LoadedImage:
         if same:
             array, axes = np.stack([array, *(other.asarray() for other in same)]), "I" + axes
         imagej_channels = int((tiff.imagej_metadata or {}).get("channels", 1) or 1)
+        orientation_tag = tiff.pages[0].tags.get(274)
+        orientation = int(orientation_tag.value) if orientation_tag is not None else 1
+        orientation = orientation if orientation in _ORIENTED else 1  # as viewers do with invalid values
     # ImageJ's C axis is channels only when ImageJ says so; otherwise its pages are a stack.
     axes = axes.replace("C", "S") if imagej_channels > 1 else axes
     single = tuple(i for i, axis in enumerate(axes) if array.shape[i] == 1 and axis not in "YX")
@@ -153,9 +174,9 @@ def _read_tiff(path: Path) -> LoadedImage:
         array = array[..., 0] if array.shape[2] == 2 else array[..., :3]
         axes = "YX" if array.ndim == 2 else axes
     if axes == "YX" or (axes == "YXS" and array.shape[2] == 3):
-        return LoadedImage(np.ascontiguousarray(array), path, (1.0, 1.0))
+        return LoadedImage(np.ascontiguousarray(_ORIENTED[orientation](array)), path, (1.0, 1.0))
     if len(axes) == 3 and axes.endswith("YX"):  # pages of one grey image each: a z-stack
-        volume = np.ascontiguousarray(np.moveaxis(array, 0, -1))
+        volume = np.ascontiguousarray(_ORIENTED[orientation](np.moveaxis(array, 0, -1)))
         return LoadedImage(volume, path, (1.0, 1.0, 1.0), np.eye(4), TIFF_STACK)
     raise DataError(
         f"{path}: TIFF with axes {axes} (shape {array.shape}) is neither one grey or RGB image nor a "
