@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import write_official_checkpoint
 from PIL import Image
 
@@ -134,7 +135,17 @@ def _tiff_z_stack(data: Path) -> None:
     tifffile.imwrite(data / "imagesTr" / "syn_001_0000.tif", np.stack([page] * 3), photometric="minisblack")
 
 
+def _jpeg_dataset(data: Path) -> None:
+    """The whole dataset as JPEG, label maps included."""
+    for path in sorted(data.glob("*/*.png")):
+        Image.open(path).save(path.with_suffix(".jpg"), quality=95)
+        path.unlink()
+    spec = json.loads((data / "dataset.json").read_text())
+    (data / "dataset.json").write_text(json.dumps({**spec, "file_ending": ".jpg"}))
+
+
 DATASET_DEFECTS = {
+    "JPEG label maps": (_jpeg_dataset, ("labelsTr", ".jpg: JPEG label maps are not supported", "PNG")),
     "multi-page TIFF in a 2-D dataset": (_tiff_z_stack, ("syn_001_0000.tif", "3-page TIFF z-stack in a 2-D dataset")),
     "truncated PNG": (lambda d: truncate(d / "imagesTr" / "syn_000_0000.png"), ("syn_000_0000.png", "truncated")),
     "not an image": (lambda d: (d / "imagesTr" / "syn_000_0000.png").write_text("hello"), ("syn_000_0000.png", "cannot be read")),
@@ -253,8 +264,29 @@ def _rgb_input(tmp: Path) -> Path:
     return path
 
 
+def _predict_with(*options: str) -> Callable[[Path], list[str]]:
+    def setup(tmp: Path) -> list[str]:
+        return ["predict", str(run_directory(tmp)), str(png_input(tmp)), str(tmp / "predictions"), *options]
+    return setup
+
+
+def _predict_into_a_file(tmp: Path) -> list[str]:
+    taken = tmp / "predictions.txt"
+    taken.write_text("not a folder")
+    return ["predict", str(run_directory(tmp)), str(png_input(tmp)), str(taken)]
+
+
+# "cuda" where there is no GPU (the case reported); a GPU index beyond the machine's elsewhere.
+MISSING_GPU = "cuda:99" if torch.cuda.is_available() else "cuda"
 MRI = {"0": "T1", "1": "T2", "2": "FLAIR"}
 SCENARIOS.update({
+    "predict: --batch-size 0": Scenario(_predict_with("--batch-size", "0"), ("--batch-size 0: must be at least 1",), ("predictions",)),
+    "predict: --batch-size -3": Scenario(_predict_with("--batch-size", "-3"), ("--batch-size -3: must be at least 1",), ("predictions",)),
+    "predict: --device of a GPU the machine lacks": Scenario(
+        _predict_with("--device", MISSING_GPU), (f"--device {MISSING_GPU}:", "GPU"), ("predictions",)
+    ),
+    "predict: --device not a device": Scenario(_predict_with("--device", "gpu"), ("--device gpu: not a device name",), ("predictions",)),
+    "predict: OUT is an existing file": Scenario(_predict_into_a_file, ("predictions.txt: exists and is not a folder",)),
     "predict: T1 only into a T1/T2/FLAIR model": Scenario(
         _predict(lambda tmp: png_input(tmp, "brain_0000.png"), lambda tmp: run_directory(tmp, channel_names=MRI)),
         ("brain_0000.png", "1 channel(s) (grey)", "trained on 3 (T1, T2, FLAIR)", "--channel-files"),

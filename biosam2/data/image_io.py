@@ -64,8 +64,11 @@ class LoadedImage:
         return tuple(self.array.shape[:3] if self.is_volume else self.array.shape[:2])
 
 
-def read_image(path: str | Path) -> LoadedImage:
-    """Read any supported 2-D image or 3-D volume; dtype is kept as stored."""
+def read_image(path: str | Path, *, palette_indices: bool = False) -> LoadedImage:
+    """Read any supported 2-D image or 3-D volume; dtype is kept as stored.
+
+    ``palette_indices``: a palette ("P") PNG gives its indices (label maps), not its colours (images).
+    """
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: file not found")
@@ -80,7 +83,7 @@ def read_image(path: str | Path) -> LoadedImage:
         elif ending in (".tif", ".tiff"):
             loaded = _read_tiff(path)
         elif ending in IMAGE_2D_ENDINGS:
-            loaded = _read_pil(path)
+            loaded = _read_pil(path, palette_indices)
         else:
             raise DataError(
                 f"{path}: unsupported file type {ending!r}; use one of "
@@ -107,7 +110,7 @@ def _check_contents(loaded: LoadedImage) -> None:
         raise DataError(f"{loaded.path}: {count} NaN or infinite value(s); fix or mask them before use")
 
 
-def _read_pil(path: Path) -> LoadedImage:
+def _read_pil(path: Path, palette_indices: bool = False) -> LoadedImage:
     from PIL import Image
 
     from PIL import ImageOps
@@ -118,7 +121,9 @@ def _read_pil(path: Path) -> LoadedImage:
         # a phone photo stored sideways must pair with its mask and get its labels the right way up.
         image = ImageOps.exif_transpose(opened)
         mode = image.mode
-        if mode == "P":
+        if mode == "P" and palette_indices:
+            pass  # a label map stored with a palette: the indices are the class ids
+        elif mode == "P":
             image = image.convert("RGBA" if "transparency" in image.info else "RGB")
         elif mode in ("LA", "PA"):
             image = image.convert("L")
@@ -218,8 +223,16 @@ def _read_sitk(path: Path) -> LoadedImage:
 
 
 def read_label(path: str | Path) -> LoadedImage:
-    """A label map: integer class ids (floats with integer values are accepted and converted)."""
-    loaded = read_image(path)
+    """A label map: integer class ids (floats with integer values are accepted and converted).
+
+    Palette PNGs give their indices. JPEG is refused: its compression invents values that are no class.
+    """
+    if file_ending(path) in (".jpg", ".jpeg"):
+        raise DataError(
+            f"{path}: JPEG label maps are not supported (lossy compression changes class ids at every edge); "
+            "save label maps losslessly, e.g. as PNG"
+        )
+    loaded = read_image(path, palette_indices=True)
     array = loaded.array
     if array.ndim == (4 if loaded.is_volume else 3):
         raise DataError(f"{loaded.path}: a label map must have one channel, found shape {array.shape}")

@@ -92,6 +92,23 @@ def find_inputs(source: Path, channel_files: bool | None = None) -> list[InputCa
     return cases
 
 
+def check_device(device: str | None) -> str | None:
+    """Refuse a device this machine does not have, before any work, instead of a CUDA traceback."""
+    if device is None:
+        return None
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"--device {device}: not a device name; use cpu, cuda or cuda:N") from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"--device {device}: no CUDA GPU is available on this machine; use --device cpu (or leave --device out)")
+        if parsed.index is not None and parsed.index >= count:
+            raise ConfigError(f"--device {device}: this machine has {count} GPU(s), cuda:0..cuda:{count - 1}")
+    return device
+
+
 def check_output_location(inputs: Path, output: Path) -> None:
     """A folder of inputs is never written into (a single input file is only protected from overwriting)."""
     if not inputs.is_dir():
@@ -180,6 +197,11 @@ def predict_files(
     from biosam2.training.plots import write_overlay
 
     inputs, output = Path(inputs), Path(output)
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size {batch_size}: must be at least 1")
+    device = check_device(device)
+    if output.exists() and not output.is_dir():
+        raise ConfigError(f"{output}: exists and is not a folder; give a new or existing output folder")
     cases = find_inputs(inputs, channel_files)
     check_output_location(inputs, output)
     input_files = {p.resolve() for case in cases for p in case.files}
