@@ -203,3 +203,93 @@ def test_prediction_of_an_exif_rotated_photo_is_in_the_shown_orientation(model_f
     photo.save(tmp_path / "in" / "photo.jpg", exif=exif)
     assert predict(run, tmp_path / "in", tmp_path / "out") == 0
     assert np.asarray(Image.open(tmp_path / "out" / "photo.png")).shape == shown(tmp_path / "in" / "photo.jpg").shape[:2] == (40, 24)
+
+
+# ---- 6. nothing half-written, nothing left behind ------------------------------------------------------
+def staging_folders(folder: Path) -> list[Path]:
+    return [p for p in folder.rglob(".*") if "biosam2-staging" in p.name]
+
+
+def test_predict_killed_with_sigkill_leaves_no_out_and_the_next_run_cleans_up(model_folder, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = make_run(model_folder, tmp_path, GREY)
+    count = 60
+    for i in range(count):
+        grey(tmp_path / "in" / f"img{i:03d}.png", shape=(64, 64), seed=i)
+    out = tmp_path / "results" / "out"
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "biosam2", "predict", str(run), str(tmp_path / "in"), str(out), "--device", "cpu", "--batch-size", "1"]
+    process = subprocess.Popen(command, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 240
+        while not any(f.is_file() for d in staging_folders(tmp_path / "results") for f in d.rglob("*.png")):
+            assert process.poll() is None and time.monotonic() < deadline, "predict ended before writing any result"
+            time.sleep(0.02)
+        os.kill(process.pid, signal.SIGKILL)  # mid-run: some maps written to staging, OUT not published
+    finally:
+        process.wait()
+    assert staging_folders(tmp_path / "results"), "the kill should have left a staging folder"
+    assert not out.exists(), "a killed run left an OUT that could pass for complete"
+
+    assert predict(run, tmp_path / "in", out) == 0
+    assert len(list(out.glob("*.png"))) == count
+    assert staging_folders(tmp_path / "results") == []  # the killed run's staging folder was removed
+
+
+def test_predict_into_an_existing_out_marks_it_incomplete_until_done(model_folder, tmp_path, monkeypatch, capsys):
+    """Into an existing OUT, results move in one by one; a run killed then leaves a marker that
+    `evaluate` refuses (simulated: the move stops after the first file, as a kill would)."""
+    import os as os_module
+
+    from biosam2.inference import predict_files as module
+
+    run = make_run(model_folder, tmp_path, GREY)
+    for i in range(3):
+        grey(tmp_path / "in" / f"img{i}.png", seed=i)
+    (tmp_path / "out").mkdir()
+    moved = []
+
+    real_replace = os_module.replace
+
+    def replace_then_die(source, target):
+        if Path(target).parent == tmp_path / "out" and not Path(target).name.startswith("."):  # a result moving in
+            if moved:
+                raise KeyboardInterrupt  # stands in for the kill: nothing after this point runs
+            moved.append(target)
+        real_replace(source, target)
+
+    monkeypatch.setattr(os_module, "replace", replace_then_die)
+    assert predict(run, tmp_path / "in", tmp_path / "out") == 130
+    monkeypatch.undo()
+    assert len(moved) == 1 and (tmp_path / "out" / module.INCOMPLETE_MARKER).exists()
+    assert main(["evaluate", str(tmp_path / "out"), str(tmp_path / "out")]) == 2
+    assert "was killed while moving its results in" in capsys.readouterr().err
+    assert predict(run, tmp_path / "in", tmp_path / "out", "--overwrite") == 0
+    assert names(tmp_path / "out") == ["img0.png", "img1.png", "img2.png"]
+    assert staging_folders(tmp_path / "out") == []
+
+
+def test_convert_removes_staging_folders_of_killed_runs_only(tmp_path):
+    import os
+    import subprocess
+
+    from biosam2.atomic_io import _HOST
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # its pid is now free: a killed run's
+    stale = tmp_path / f".converted.biosam2-staging.{_HOST}.{dead.pid}.abc123"
+    live = tmp_path / f".converted.biosam2-staging.{_HOST}.{os.getpid()}.def456"
+    for folder in (stale, live):
+        (folder / "imagesTr").mkdir(parents=True)
+    source = tmp_path / "isbi-src"
+    for i in range(30):
+        image = (np.random.default_rng(i).random((32, 32)) * 255).astype(np.uint8)
+        Image.fromarray(image).save(grey(source / "images" / f"{i}.png"))
+        Image.fromarray(np.where(image > 128, 255, 0).astype(np.uint8)).save(grey(source / "labels" / f"{i}.png"))
+    assert main(["convert", "isbi2012", str(source), str(tmp_path / "converted")]) == 0
+    assert not stale.exists() and live.exists()

@@ -12,6 +12,7 @@
 - Optional: probabilities (``CASE_probabilities.npy`` for 2-D, a 4-D ``.nii.gz`` for volumes) and
   overlays (PNG).
 - The output folder may not be, or lie inside, an input folder, and no output may replace an input.
+- Nothing half-written: a new output folder appears whole, with one rename; see :func:`predict_files`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from biosam2.atomic_io import INCOMPLETE_MARKER, atomic_write_text, make_staging_dir, publish_directory
 from biosam2.data.cases import channels_first
 from biosam2.data.image_io import (
     IMAGE_2D_ENDINGS,
@@ -206,11 +207,13 @@ def predict_files(
     check_output_location(inputs, output)
     input_files = {p.resolve() for case in cases for p in case.files}
     predictor = Predictor(model, batch_size=batch_size, device=device)
+    # Results go to a staging folder and are published only once every case succeeded. A new OUT
+    # appears with one rename (a kill leaves no OUT at all); into an existing OUT files are moved one
+    # by one under an INCOMPLETE_MARKER that `evaluate` refuses until the move has finished.
     created = not output.exists()
-    output.mkdir(parents=True, exist_ok=True)
-    # Results go to a staging folder and are moved into place only once every case succeeded:
-    # a failure leaves no partial set of predictions that could pass for a complete one.
-    staging = Path(tempfile.mkdtemp(prefix=".biosam2-predict-", dir=output))
+    if created:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    staging = make_staging_dir(output.parent if created else output, f"{output.name}.predict")
     try:
         written: list[Path] = []
         pending: list[tuple[InputCase, LoadedImage, np.ndarray]] = []  # equal-size 2-D images, batched
@@ -248,16 +251,21 @@ def predict_files(
                 flush()
             pending.append((case, reference, image))
         flush()
+        if created:
+            publish_directory(staging, output)
+            return written
+        marker = output / INCOMPLETE_MARKER
+        atomic_write_text(marker, "biosam2 predict is moving its results into this folder; if this file stays, "
+                          "that run was killed: rerun it with --overwrite\n")
         for produced in sorted(staging.rglob("*")):
             if produced.is_file():
                 target = output / produced.relative_to(staging)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(produced, target)
+        marker.unlink()
         return written
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-        if created and not any(output.iterdir()):
-            output.rmdir()  # a failed first run leaves no empty output folder behind
 
 
 def _write_probabilities(output: Path, case: InputCase, reference: LoadedImage, probabilities: np.ndarray) -> None:
