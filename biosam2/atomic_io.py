@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -61,6 +63,61 @@ def atomic_write_with(path: str | Path, write: Callable[[BinaryIO], None]) -> No
         write(stream)
 
 
+# In a folder while `predict` moves results into it one by one; readers refuse the folder meanwhile.
+INCOMPLETE_MARKER = ".biosam2-predict-incomplete"
+
+# Staging folders carry this host's name and the pid of the run that made them, so that a later run
+# can tell a killed run's leftovers (pid dead) from a running one's and remove them.
+_HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
+_STAGING = re.compile(r"\.(?P<purpose>.+)\.biosam2-staging\.(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d+)\.[^.]+")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_staging(parent: str | Path) -> list[Path]:
+    """Remove the staging folders in ``parent`` left by killed biosam2 runs on this host; returns them."""
+    removed = []
+    with contextlib.suppress(OSError):
+        for entry in Path(parent).iterdir():
+            match = _STAGING.fullmatch(entry.name)
+            if not match or match["host"] != _HOST or _alive(int(match["pid"])) or not entry.is_dir():
+                continue
+            purpose = match["purpose"]
+            if purpose.endswith(".old") and not (Path(parent) / purpose[: -len(".old")]).exists():
+                continue  # killed between the two renames: this holds the only copy of the old folder
+            shutil.rmtree(entry, ignore_errors=True)
+            removed.append(entry)
+    return removed
+
+
+def make_staging_dir(parent: str | Path, purpose: str) -> Path:
+    """A new hidden folder in ``parent`` named with this run's pid (stale ones there are removed first)."""
+    remove_stale_staging(parent)
+    return Path(tempfile.mkdtemp(prefix=f".{purpose}.biosam2-staging.{_HOST}.{os.getpid()}.", dir=parent))
+
+
+def _flush_directory(staging: Path) -> None:
+    os.chmod(staging, 0o777 & ~_UMASK)  # mkdtemp makes 0700 folders
+    for file in staging.rglob("*"):
+        if file.is_file():
+            with open(file, "rb") as written:
+                os.fsync(written.fileno())
+
+
+def publish_directory(staging: Path, target: Path) -> None:
+    """Make a finished staging folder ``target`` with one rename (``target`` must not exist or be empty)."""
+    _flush_directory(staging)
+    os.replace(staging, target)
+
+
 def replace_directory(build: Callable[[Path], None], target: str | Path) -> None:
     """Build a directory's contents in a staging folder, then swap it in for ``target``.
 
@@ -69,16 +126,12 @@ def replace_directory(build: Callable[[Path], None], target: str | Path) -> None
     """
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    staging = make_staging_dir(target.parent, target.name)
     try:
         build(staging)
-        os.chmod(staging, 0o777 & ~_UMASK)  # mkdtemp makes 0700 folders
-        for file in staging.rglob("*"):
-            if file.is_file():
-                with open(file, "rb") as written:
-                    os.fsync(written.fileno())
+        _flush_directory(staging)
         if target.exists():
-            retired = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+            retired = make_staging_dir(target.parent, f"{target.name}.old")
             os.replace(target, retired / target.name)
             os.replace(staging, target)
             shutil.rmtree(retired, ignore_errors=True)

@@ -116,6 +116,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
         device=args.device,
         precision=args.precision,
         overwrite=args.overwrite,
+        channel_files=args.channel_files,
+        channel_names=metadata.get("channel_names"),
     )
     print(f"{len(written)} label map(s) written to {args.out}")
     return 0
@@ -231,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     predict.add_argument("--weights", help="base SAM2 weights, if not found at the path recorded in the artifact")
     predict.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    predict.add_argument("--channel-files", dest="channel_files", action="store_const", const=True, default=None,
+                         help="group nnU-Net channel files CASE_0000, CASE_0001, ... into one case CASE (automatic in a dataset's "
+                         "imagesTr/imagesTs folder beside dataset.json); otherwise every file is its own image")
     predict.set_defaults(handler=cmd_predict)
 
     evaluate = commands.add_parser("evaluate", help="mIoU, Dice and HD95 of predictions against ground truth")

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import write_official_checkpoint
 from PIL import Image
 
@@ -51,11 +52,14 @@ def dataset_3d(root: Path, *, label_affine: np.ndarray | None = None, nan: bool 
     return data
 
 
-def run_directory(root: Path, num_classes: int = 4) -> Path:
+def run_directory(root: Path, num_classes: int = 4, channel_names: dict[str, str] | None = None) -> Path:
     """A run as `predict` needs it: the model artifact with its metadata (no training needed)."""
     model = biosam2.build_model("tiny", weights="random", num_classes=num_classes, adapter="lw")
     labels = {"background": 0, **{f"class_{i}": i for i in range(1, num_classes)}}
-    model.save_pretrained(root / "run" / "model", metadata={"normalization": {"scheme": "uint8"}, "labels": labels})
+    metadata = {"normalization": {"scheme": "uint8"}, "labels": labels}
+    if channel_names is not None:
+        metadata["channel_names"] = channel_names
+    model.save_pretrained(root / "run" / "model", metadata=metadata)
     return root / "run"
 
 
@@ -118,7 +122,31 @@ def _missing_keys(data: Path) -> None:
     (data / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "cell": 1}}))
 
 
+def _tiff_z_stack(data: Path) -> None:
+    """The dataset as TIFFs, one image a 3-page grey stack (once read as an RGB image)."""
+    import tifffile
+
+    for path in sorted(data.glob("*/*.png")):
+        tifffile.imwrite(path.with_suffix(".tif"), np.asarray(Image.open(path)))
+        path.unlink()
+    spec = json.loads((data / "dataset.json").read_text())
+    (data / "dataset.json").write_text(json.dumps({**spec, "file_ending": ".tif"}))
+    page = tifffile.imread(data / "imagesTr" / "syn_001_0000.tif")
+    tifffile.imwrite(data / "imagesTr" / "syn_001_0000.tif", np.stack([page] * 3), photometric="minisblack")
+
+
+def _jpeg_dataset(data: Path) -> None:
+    """The whole dataset as JPEG, label maps included."""
+    for path in sorted(data.glob("*/*.png")):
+        Image.open(path).save(path.with_suffix(".jpg"), quality=95)
+        path.unlink()
+    spec = json.loads((data / "dataset.json").read_text())
+    (data / "dataset.json").write_text(json.dumps({**spec, "file_ending": ".jpg"}))
+
+
 DATASET_DEFECTS = {
+    "JPEG label maps": (_jpeg_dataset, ("labelsTr", ".jpg: JPEG label maps are not supported", "PNG")),
+    "multi-page TIFF in a 2-D dataset": (_tiff_z_stack, ("syn_001_0000.tif", "3-page TIFF z-stack in a 2-D dataset")),
     "truncated PNG": (lambda d: truncate(d / "imagesTr" / "syn_000_0000.png"), ("syn_000_0000.png", "truncated")),
     "not an image": (lambda d: (d / "imagesTr" / "syn_000_0000.png").write_text("hello"), ("syn_000_0000.png", "cannot be read")),
     "zero-size file": (lambda d: (d / "imagesTr" / "syn_000_0000.png").write_bytes(b""), ("syn_000_0000.png", "cannot be read")),
@@ -230,7 +258,45 @@ def _artifact_wrong_base(tmp: Path) -> list[str]:
     return ["predict", str(run_directory(tmp)), str(png_input(tmp)), str(tmp / "predictions"), "--weights", str(tmp / "sam2.1_hiera_tiny.pt")]
 
 
+def _rgb_input(tmp: Path) -> Path:
+    path = tmp / "inputs" / "photo.png"
+    write_image_png(path, (np.random.default_rng(4).random((40, 60, 3)) * 255).astype(np.uint8))
+    return path
+
+
+def _predict_with(*options: str) -> Callable[[Path], list[str]]:
+    def setup(tmp: Path) -> list[str]:
+        return ["predict", str(run_directory(tmp)), str(png_input(tmp)), str(tmp / "predictions"), *options]
+    return setup
+
+
+def _predict_into_a_file(tmp: Path) -> list[str]:
+    taken = tmp / "predictions.txt"
+    taken.write_text("not a folder")
+    return ["predict", str(run_directory(tmp)), str(png_input(tmp)), str(taken)]
+
+
+# "cuda" where there is no GPU (the case reported); a GPU index beyond the machine's elsewhere.
+MISSING_GPU = "cuda:99" if torch.cuda.is_available() else "cuda"
+MRI = {"0": "T1", "1": "T2", "2": "FLAIR"}
 SCENARIOS.update({
+    "predict: --batch-size 0": Scenario(_predict_with("--batch-size", "0"), ("--batch-size 0: must be at least 1",), ("predictions",)),
+    "predict: --batch-size -3": Scenario(_predict_with("--batch-size", "-3"), ("--batch-size -3: must be at least 1",), ("predictions",)),
+    "predict: --device of a GPU the machine lacks": Scenario(
+        _predict_with("--device", MISSING_GPU), (f"--device {MISSING_GPU}:", "GPU"), ("predictions",)
+    ),
+    "predict: --device not a device": Scenario(_predict_with("--device", "gpu"), ("--device gpu: not a device name",), ("predictions",)),
+    "predict: OUT is an existing file": Scenario(_predict_into_a_file, ("predictions.txt: exists and is not a folder",)),
+    "predict: T1 only into a T1/T2/FLAIR model": Scenario(
+        _predict(lambda tmp: png_input(tmp, "brain_0000.png"), lambda tmp: run_directory(tmp, channel_names=MRI)),
+        ("brain_0000.png", "1 channel(s) (grey)", "trained on 3 (T1, T2, FLAIR)", "--channel-files"),
+        ("predictions",),
+    ),
+    "predict: RGB into a grey model": Scenario(
+        _predict(_rgb_input, lambda tmp: run_directory(tmp, channel_names={"0": "EM"})),
+        ("photo.png", "3 channel(s) (colour (RGB))", "trained on 1 (EM)", "convert it to grey"),
+        ("predictions",),
+    ),
     "predict: truncated PNG": Scenario(_predict(_truncated_png), ("scan.png", "truncated"), ("predictions",)),
     "predict: truncated JPEG": Scenario(_predict(_truncated_jpeg), ("scan.jpg", "truncated"), ("predictions",)),
     "predict: truncated .nii.gz": Scenario(_predict(_truncated_nifti), ("scan.nii.gz", "truncated"), ("predictions",)),

@@ -82,3 +82,18 @@ def test_grey_image_in_a_colour_dataset_is_a_problem(dataset):
     (dataset / "dataset.json").write_text(json.dumps(description))
     report = check_dataset(dataset)
     assert any("has 1 channel(s) (grey) but dataset.json declares 3" in p for p in report.problems), report.problems
+
+
+def test_palette_label_maps_are_read_as_their_indices(dataset):
+    """A "P" PNG's indices are the class ids; its colours (here all different from the ids) are not."""
+    from biosam2.data.image_io import read_label
+
+    for path in sorted((dataset / "labelsTr").glob("*.png")):
+        indices = np.asarray(Image.open(path))
+        palette = Image.fromarray(indices, mode="P")
+        palette.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0, 0, 0, 255] + [255] * 756)
+        palette.save(path)
+        assert Image.open(path).mode == "P"
+        np.testing.assert_array_equal(read_label(path).array, indices)
+    report = check_dataset(dataset)
+    assert report.ok, str(report)

@@ -45,6 +45,11 @@ def read_case_image(spec: DatasetSpec, files: CaseFiles) -> tuple[np.ndarray, Lo
     """Raw (not normalised) channels-first image of a case, and its first file's geometry."""
     loaded = [read_image(path) for path in files.images]
     reference = loaded[0]
+    if reference.is_volume and not spec.is_volumetric:  # a multi-page TIFF among 2-D images
+        raise DataError(
+            f"{reference.path}: a {reference.array.shape[-1]}-page TIFF z-stack in a 2-D dataset (file_ending "
+            f"{spec.file_ending}); give each page as its own case, or the stack as a volume (.nii.gz)"
+        )
     for other in loaded[1:]:
         difference = same_geometry(reference, other)
         if difference:

@@ -46,6 +46,12 @@ def check_safe_name(name: Any, source: Path, what: str = "case id") -> str:
     return name
 
 
+def is_colour(channel_names: dict[str, str]) -> bool:
+    """channel_names of an RGB image (R, G, B): one colour file per case, not three channel files."""
+    names = [str(n).upper() for n in channel_names.values()]
+    return names in (["R", "G", "B"], ["RED", "GREEN", "BLUE"])
+
+
 @dataclass(frozen=True)
 class CaseFiles:
     case_id: str
@@ -84,8 +90,7 @@ class DatasetSpec:
     @property
     def num_channel_files(self) -> int:
         """Files per case: one per channel, except a colour 2-D image that holds all three."""
-        names = [n.upper() for n in self.channel_names.values()]
-        if not self.is_volumetric and len(names) == 3 and names in (["R", "G", "B"], ["RED", "GREEN", "BLUE"]):
+        if not self.is_volumetric and is_colour(self.channel_names):
             return 1
         return len(self.channel_names)
 

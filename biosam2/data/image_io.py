@@ -6,7 +6,8 @@ Array conventions, used everywhere in biosam2:
   says otherwise. Formats: PNG, JPEG, BMP, TIFF (8/16-bit, float), grey or RGB.
 - 3-D volumes: nibabel's ``(X, Y, Z)`` order, sliced along the last axis; ``affine`` is the 4x4
   voxel-to-world matrix, ``spacing`` the voxel size in mm. Formats: NIfTI through nibabel; NRRD and
-  MetaImage through SimpleITK (transposed to the same order).
+  MetaImage through SimpleITK (transposed to the same order); a multi-page grey TIFF (z-stack) is a
+  volume ``(H, W, Z)`` with a unit affine, its slices the pages.
 
 Every failure is a :class:`DataError` naming the file and the problem.
 """
@@ -28,6 +29,8 @@ IMAGE_2D_ENDINGS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 NIFTI_ENDINGS = (".nii.gz", ".nii")
 SITK_ENDINGS = (".nrrd", ".nhdr", ".mha", ".mhd")
 VOLUME_ENDINGS = NIFTI_ENDINGS + SITK_ENDINGS
+TIFF_ENDINGS = (".tif", ".tiff")
+TIFF_STACK = "tiff-stack"  # LoadedImage.reference of a multi-page TIFF read as a volume
 
 
 def file_ending(path: str | Path) -> str:
@@ -61,8 +64,11 @@ class LoadedImage:
         return tuple(self.array.shape[:3] if self.is_volume else self.array.shape[:2])
 
 
-def read_image(path: str | Path) -> LoadedImage:
-    """Read any supported 2-D image or 3-D volume; dtype is kept as stored."""
+def read_image(path: str | Path, *, palette_indices: bool = False) -> LoadedImage:
+    """Read any supported 2-D image or 3-D volume; dtype is kept as stored.
+
+    ``palette_indices``: a palette ("P") PNG gives its indices (label maps), not its colours (images).
+    """
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: file not found")
@@ -77,7 +83,7 @@ def read_image(path: str | Path) -> LoadedImage:
         elif ending in (".tif", ".tiff"):
             loaded = _read_tiff(path)
         elif ending in IMAGE_2D_ENDINGS:
-            loaded = _read_pil(path)
+            loaded = _read_pil(path, palette_indices)
         else:
             raise DataError(
                 f"{path}: unsupported file type {ending!r}; use one of "
@@ -104,13 +110,20 @@ def _check_contents(loaded: LoadedImage) -> None:
         raise DataError(f"{loaded.path}: {count} NaN or infinite value(s); fix or mask them before use")
 
 
-def _read_pil(path: Path) -> LoadedImage:
+def _read_pil(path: Path, palette_indices: bool = False) -> LoadedImage:
     from PIL import Image
 
-    with Image.open(path) as image:
-        image.load()  # decode now, so a truncated file fails here, with its name
+    from PIL import ImageOps
+
+    with Image.open(path) as opened:
+        opened.load()  # decode now, so a truncated file fails here, with its name
+        # Pixels as every viewer shows them (EXIF orientation applied), for images and masks alike:
+        # a phone photo stored sideways must pair with its mask and get its labels the right way up.
+        image = ImageOps.exif_transpose(opened)
         mode = image.mode
-        if mode == "P":
+        if mode == "P" and palette_indices:
+            pass  # a label map stored with a palette: the indices are the class ids
+        elif mode == "P":
             image = image.convert("RGBA" if "transparency" in image.info else "RGB")
         elif mode in ("LA", "PA"):
             image = image.convert("L")
@@ -122,20 +135,58 @@ def _read_pil(path: Path) -> LoadedImage:
     return LoadedImage(np.ascontiguousarray(array), path, (1.0, 1.0))
 
 
+# TIFF/EXIF orientation (tag 274) -> the pixels as shown, on axes (0, 1): what PIL's exif_transpose does.
+_ORIENTED = {
+    1: lambda a: a,
+    2: lambda a: a[:, ::-1],
+    3: lambda a: a[::-1, ::-1],
+    4: lambda a: a[::-1],
+    5: lambda a: a.swapaxes(0, 1),
+    6: lambda a: np.rot90(a, -1),
+    7: lambda a: np.rot90(a, 2).swapaxes(0, 1),
+    8: lambda a: np.rot90(a, 1),
+}
+
+
 def _read_tiff(path: Path) -> LoadedImage:
+    """A TIFF's pages and samples told apart by tifffile's own axes ('YX', 'YXS', 'SYX', 'QYX', ...),
+    never guessed from the array's shape: a 3- or 4-page grey z-stack is not an RGB(A) image.
+
+    One grey or colour image -> a 2-D image; a grey stack of pages (Z, Y, X) -> a volume (Y, X, Z)
+    with a unit affine, sliced along its pages (each slice in the orientation of the 2-D image).
+    """
     import tifffile
 
-    array = tifffile.imread(path)
-    if array.ndim == 3 and array.shape[0] in (3, 4) and array.shape[2] not in (3, 4):
-        array = np.moveaxis(array, 0, -1)  # planar RGB
-    if array.ndim == 3 and array.shape[2] == 4:
-        array = array[..., :3]
-    if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] != 3):
-        raise DataError(
-            f"{path}: TIFF of shape {array.shape} is not a single 2-D grey or RGB image "
-            "(a multi-page stack must be split into slices, e.g. by `biosam2 convert isbi2012`)"
-        )
-    return LoadedImage(np.ascontiguousarray(array), path, (1.0, 1.0))
+    with tifffile.TiffFile(path) as tiff:
+        series = tiff.series[0]
+        array, axes = series.asarray(), series.axes
+        # Pages written as separate one-page series (tifffile's contiguous=False, some scanners)
+        # are one stack too; reading only the first would drop the others.
+        same = [other for other in tiff.series[1:] if other.shape == series.shape and other.dtype == series.dtype]
+        if same:
+            array, axes = np.stack([array, *(other.asarray() for other in same)]), "I" + axes
+        imagej_channels = int((tiff.imagej_metadata or {}).get("channels", 1) or 1)
+        orientation_tag = tiff.pages[0].tags.get(274)
+        orientation = int(orientation_tag.value) if orientation_tag is not None else 1
+        orientation = orientation if orientation in _ORIENTED else 1  # as viewers do with invalid values
+    # ImageJ's C axis is channels only when ImageJ says so; otherwise its pages are a stack.
+    axes = axes.replace("C", "S") if imagej_channels > 1 else axes
+    single = tuple(i for i, axis in enumerate(axes) if array.shape[i] == 1 and axis not in "YX")
+    array, axes = np.squeeze(array, axis=single), "".join(a for i, a in enumerate(axes) if i not in single)
+    if "S" in axes and axes != "YXS":
+        array, axes = np.moveaxis(array, axes.index("S"), -1), axes.replace("S", "") + "S"
+    if axes == "YXS" and array.shape[2] in (2, 4):  # grey + alpha, RGBA: alpha carries no intensity
+        array = array[..., 0] if array.shape[2] == 2 else array[..., :3]
+        axes = "YX" if array.ndim == 2 else axes
+    if axes == "YX" or (axes == "YXS" and array.shape[2] == 3):
+        return LoadedImage(np.ascontiguousarray(_ORIENTED[orientation](array)), path, (1.0, 1.0))
+    if len(axes) == 3 and axes.endswith("YX"):  # pages of one grey image each: a z-stack
+        volume = np.ascontiguousarray(_ORIENTED[orientation](np.moveaxis(array, 0, -1)))
+        return LoadedImage(volume, path, (1.0, 1.0, 1.0), np.eye(4), TIFF_STACK)
+    raise DataError(
+        f"{path}: TIFF with axes {axes} (shape {array.shape}) is neither one grey or RGB image nor a "
+        "stack of grey pages; save it as one of these (or as NIfTI)"
+    )
 
 
 def _read_nifti(path: Path) -> LoadedImage:
@@ -172,8 +223,16 @@ def _read_sitk(path: Path) -> LoadedImage:
 
 
 def read_label(path: str | Path) -> LoadedImage:
-    """A label map: integer class ids (floats with integer values are accepted and converted)."""
-    loaded = read_image(path)
+    """A label map: integer class ids (floats with integer values are accepted and converted).
+
+    Palette PNGs give their indices. JPEG is refused: its compression invents values that are no class.
+    """
+    if file_ending(path) in (".jpg", ".jpeg"):
+        raise DataError(
+            f"{path}: JPEG label maps are not supported (lossy compression changes class ids at every edge); "
+            "save label maps losslessly, e.g. as PNG"
+        )
+    loaded = read_image(path, palette_indices=True)
     array = loaded.array
     if array.ndim == (4 if loaded.is_volume else 3):
         raise DataError(f"{loaded.path}: a label map must have one channel, found shape {array.shape}")
@@ -257,8 +316,13 @@ def write_like(path: str | Path, array: np.ndarray, reference: LoadedImage) -> N
             image.SetSpacing(reference.spacing)
         with atomic_output(path, suffix=ending) as temporary:
             sitk.WriteImage(image, str(temporary), useCompression=True)
+    elif ending in TIFF_ENDINGS:  # a z-stack's result: one page per slice, as the input
+        import tifffile
+
+        with atomic_output(path, suffix=ending) as temporary:
+            tifffile.imwrite(temporary, np.ascontiguousarray(np.moveaxis(array, -1, 0)), photometric="minisblack")
     else:
-        raise DataError(f"{path}: volumes are written as {', '.join(VOLUME_ENDINGS)}")
+        raise DataError(f"{path}: volumes are written as {', '.join(VOLUME_ENDINGS + TIFF_ENDINGS)}")
 
 
 def write_volume(path: str | Path, array: np.ndarray, affine: np.ndarray) -> None:

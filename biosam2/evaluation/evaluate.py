@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from biosam2.atomic_io import INCOMPLETE_MARKER
 from biosam2.data.dataset_format import DATASET_JSON, DatasetSpec, load_dataset_spec
 from biosam2.data.image_io import IMAGE_2D_ENDINGS, VOLUME_ENDINGS, LoadedImage, file_ending, read_label, same_geometry
 from biosam2.errors import ConfigError, DataError
@@ -94,6 +95,11 @@ def evaluate_folders(
     """
     predictions, ground_truth = Path(predictions), Path(ground_truth)
     gt_files = _list_label_files(ground_truth, "ground-truth")
+    if (predictions / INCOMPLETE_MARKER).exists():
+        raise DataError(
+            f"{predictions}: a `biosam2 predict` run was killed while moving its results in ({INCOMPLETE_MARKER}); "
+            "rerun it with --overwrite"
+        )
     pred_files = _list_label_files(predictions, "predictions")
     if not gt_files:
         raise DataError(f"{ground_truth}: no label files ({', '.join(_LABEL_ENDINGS)}) to evaluate against")

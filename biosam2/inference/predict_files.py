@@ -1,13 +1,18 @@
 """``predict``: label maps for a file, a folder or a volume, written next to nothing the user gave us.
 
-- Input files named like a dataset's (``CASE_0000.png``, ``CASE_0001.png``, ...) are grouped into
-  cases and written as ``CASE.png``; other files keep their name (``scan.nii.gz`` -> ``scan.nii.gz``).
+- Every input file is its own image and keeps its name (``frame_0001.png`` -> ``frame_0001.png``,
+  ``scan.nii.gz`` -> ``scan.nii.gz``). nnU-Net channel files (``CASE_0000.png``, ``CASE_0001.png``,
+  ...) are grouped into one case written as ``CASE.png`` only in a dataset's images folder
+  (``imagesTr``/``imagesTs`` beside a ``dataset.json``) or when asked for (``channel_files=True``,
+  ``--channel-files``): a plain folder of ``frame_0000.png, frame_0001.png, ...`` is a sequence of
+  separate frames, not one multi-channel case.
 - 2-D results are PNG label maps of the input's size; 3-D results are volumes in the input's format
   with exactly its affine, spacing and header.
 - Consecutive 2-D inputs of the same size are predicted in batches of ``batch_size``.
 - Optional: probabilities (``CASE_probabilities.npy`` for 2-D, a 4-D ``.nii.gz`` for volumes) and
   overlays (PNG).
 - The output folder may not be, or lie inside, an input folder, and no output may replace an input.
+- Nothing half-written: a new output folder appears whole, with one rename; see :func:`predict_files`.
 """
 
 from __future__ import annotations
@@ -16,7 +21,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from biosam2.atomic_io import INCOMPLETE_MARKER, atomic_write_text, make_staging_dir, publish_directory
 from biosam2.data.cases import channels_first
 from biosam2.data.image_io import (
     IMAGE_2D_ENDINGS,
@@ -48,8 +53,16 @@ class InputCase:
     files: list[Path]  # one per channel file, in channel order
 
 
-def find_inputs(source: Path) -> list[InputCase]:
-    """The cases to predict: one file, or every supported image/volume in a folder (not recursive)."""
+def is_dataset_images_folder(source: Path) -> bool:
+    """``DATASET/imagesTs`` (or imagesTr, ...): nnU-Net's channel-file naming applies there."""
+    return source.is_dir() and source.name.startswith("images") and (source.parent / "dataset.json").is_file()
+
+
+def find_inputs(source: Path, channel_files: bool | None = None) -> list[InputCase]:
+    """The cases to predict: one file, or every supported image/volume in a folder (not recursive).
+
+    ``channel_files``: group nnU-Net channel files into cases; None: only in a dataset's images folder.
+    """
     if not source.exists():
         raise DataError(f"{source}: input not found")
     files = [source] if source.is_file() else sorted(
@@ -57,10 +70,17 @@ def find_inputs(source: Path) -> list[InputCase]:
     )
     if not files:
         raise DataError(f"{source}: no images or volumes to predict (supported: {', '.join(IMAGE_2D_ENDINGS + VOLUME_ENDINGS)})")
+    if channel_files is None:
+        channel_files = is_dataset_images_folder(source)
     groups: dict[str, dict[int, Path]] = {}
     for path in files:
         stem = path.name[: -len(file_ending(path))]
-        match = _CHANNEL_FILE.match(stem)
+        match = _CHANNEL_FILE.match(stem) if channel_files else None
+        if channel_files and not match:
+            raise DataError(
+                f"{path}: not named like an nnU-Net channel file (CASE_0000{file_ending(path)}, CASE_0001...); "
+                "rename it, or leave out --channel-files to predict every file as its own image"
+            )
         name, channel = (match.group(1), int(match.group(2))) if match else (stem, 0)
         if channel in groups.setdefault(name, {}):
             raise DataError(f"{path}: two inputs would both be written as {name}; rename one")
@@ -71,6 +91,23 @@ def find_inputs(source: Path) -> list[InputCase]:
             raise DataError(f"{source}: case {name} has channel files {sorted(channels)}; expected 0..n-1")
         cases.append(InputCase(name, [channels[i] for i in sorted(channels)]))
     return cases
+
+
+def check_device(device: str | None) -> str | None:
+    """Refuse a device this machine does not have, before any work, instead of a CUDA traceback."""
+    if device is None:
+        return None
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"--device {device}: not a device name; use cpu, cuda or cuda:N") from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"--device {device}: no CUDA GPU is available on this machine; use --device cpu (or leave --device out)")
+        if parsed.index is not None and parsed.index >= count:
+            raise ConfigError(f"--device {device}: this machine has {count} GPU(s), cuda:0..cuda:{count - 1}")
+    return device
 
 
 def check_output_location(inputs: Path, output: Path) -> None:
@@ -90,12 +127,46 @@ def normalization_for(image: np.ndarray, normalization: Normalization, path: Pat
     return normalization
 
 
-def load_input(case: InputCase) -> tuple[np.ndarray, LoadedImage]:
+def load_input(case: InputCase, channel_names: dict[str, str] | None = None) -> tuple[np.ndarray, LoadedImage]:
     loaded = [read_image(path) for path in case.files]
     image = np.concatenate([channels_first(item) for item in loaded], axis=0)
+    if channel_names:
+        image = check_channels(image, case, channel_names, loaded[0].is_volume)
     if image.shape[0] not in (1, 3):
         raise DataError(f"{case.files[0]}: {image.shape[0]} channels; biosam2 models take 1 (grey) or 3 (colour)")
     return image, loaded[0]
+
+
+def check_channels(image: np.ndarray, case: InputCase, channel_names: dict[str, str], is_volume: bool) -> np.ndarray:
+    """The input's channels against the run's ``channel_names``.
+
+    A grey 2-D image into an RGB model is accepted (with a warning) as the colour image R = G = B it
+    is: SAM2 itself sees grey images that way. Anything else that differs is refused: a T1-only file
+    into a T1/T2/FLAIR model, or a colour image into a grey model, would be predicted from the wrong
+    inputs.
+    """
+    from biosam2.data.dataset_format import is_colour
+
+    expected, found = len(channel_names), image.shape[0]
+    if found == expected:
+        return image
+    colour_model = is_colour(channel_names) and not is_volume
+    if found == 1 and colour_model:
+        warnings.warn(f"{case.files[0]}: grey image into a colour (RGB) model; predicted as the colour image R = G = B", stacklevel=2)
+        return np.repeat(image, 3, axis=0)
+    kind = {1: "grey", 3: "colour (RGB)"}.get(found, "")
+    has = f"{found} channel(s){f' ({kind})' if kind and len(case.files) == 1 else ''}"
+    if found < expected and not colour_model:
+        fix = (f"give the {expected} channels as files CASE_0000..CASE_{expected - 1:04d} with --channel-files"
+               if len(case.files) == 1 else f"give all {expected} channel files CASE_0000..CASE_{expected - 1:04d}")
+    elif found == 3 and expected == 1:
+        fix = "convert it to grey, or use a model trained on colour images"
+    else:
+        fix = "use a model trained on this kind of image"
+    raise DataError(
+        f"{case.files[0]}: has {has} but the model was trained on {expected} "
+        f"({', '.join(channel_names.values())}); {fix}"
+    )
 
 
 def output_path(folder: Path, case: InputCase, reference: LoadedImage) -> Path:
@@ -116,23 +187,35 @@ def predict_files(
     device: str | None = None,
     precision: str = "auto",
     overwrite: bool = False,
+    channel_files: bool | None = None,
+    channel_names: dict[str, str] | None = None,
 ) -> list[Path]:
     """Predict every input case and write the results to ``output``; returns the label map paths.
 
     ``precision``: "auto" (mixed on CUDA, fp32 on the CPU), "32", "bf16-mixed" or "16-mixed" (see Predictor).
+    ``channel_files``: group nnU-Net channel files (``CASE_0000``, ``CASE_0001``, ...) into one case;
+    None (default) does so only for a dataset's images folder (``imagesTs`` beside ``dataset.json``).
+    ``channel_names``: the run's (dataset.json's); each input's channels are checked against them.
     """
     from biosam2.training.plots import write_overlay
 
     inputs, output = Path(inputs), Path(output)
-    cases = find_inputs(inputs)
+    if batch_size < 1:
+        raise ConfigError(f"--batch-size {batch_size}: must be at least 1")
+    device = check_device(device)
+    if output.exists() and not output.is_dir():
+        raise ConfigError(f"{output}: exists and is not a folder; give a new or existing output folder")
+    cases = find_inputs(inputs, channel_files)
     check_output_location(inputs, output)
     input_files = {p.resolve() for case in cases for p in case.files}
     predictor = Predictor(model, batch_size=batch_size, device=device, precision=precision)
+    # Results go to a staging folder and are published only once every case succeeded. A new OUT
+    # appears with one rename (a kill leaves no OUT at all); into an existing OUT files are moved one
+    # by one under an INCOMPLETE_MARKER that `evaluate` refuses until the move has finished.
     created = not output.exists()
-    output.mkdir(parents=True, exist_ok=True)
-    # Results go to a staging folder and are moved into place only once every case succeeded:
-    # a failure leaves no partial set of predictions that could pass for a complete one.
-    staging = Path(tempfile.mkdtemp(prefix=".biosam2-predict-", dir=output))
+    if created:
+        output.parent.mkdir(parents=True, exist_ok=True)
+    staging = make_staging_dir(output.parent if created else output, f"{output.name}.predict")
     try:
         written: list[Path] = []
         pending: list[tuple[InputCase, LoadedImage, np.ndarray]] = []  # equal-size 2-D images, batched
@@ -155,7 +238,7 @@ def predict_files(
                 pending.clear()
 
         for case in cases:
-            raw, reference = load_input(case)
+            raw, reference = load_input(case, channel_names)
             destination = output_path(output, case, reference)
             if destination.resolve() in input_files:
                 raise ConfigError(f"{destination}: would overwrite an input; choose another output folder")
@@ -170,16 +253,21 @@ def predict_files(
                 flush()
             pending.append((case, reference, image))
         flush()
+        if created:
+            publish_directory(staging, output)
+            return written
+        marker = output / INCOMPLETE_MARKER
+        atomic_write_text(marker, "biosam2 predict is moving its results into this folder; if this file stays, "
+                          "that run was killed: rerun it with --overwrite\n")
         for produced in sorted(staging.rglob("*")):
             if produced.is_file():
                 target = output / produced.relative_to(staging)
                 target.parent.mkdir(parents=True, exist_ok=True)
                 os.replace(produced, target)
+        marker.unlink()
         return written
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-        if created and not any(output.iterdir()):
-            output.rmdir()  # a failed first run leaves no empty output folder behind
 
 
 def _write_probabilities(output: Path, case: InputCase, reference: LoadedImage, probabilities: np.ndarray) -> None:
