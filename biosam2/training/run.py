@@ -272,7 +272,7 @@ def train(
         "normalization": normalization.to_dict(),
     }
     plot_learning_curves(sorted((run / "logs").glob("version_*/metrics.csv"), key=_version_number), run / "curves.png")
-    predictor = Predictor(model, batch_size=config.batch_size)
+    predictor = Predictor(model, batch_size=config.batch_size, precision=config.precision)  # as trained
     for case in val_cases[: config.overlays]:
         prediction, _ = predictor.predict(case.image)
         write_overlay(run / "overlays" / f"{case.case_id}.png", case.image, case.label, prediction)
