@@ -32,7 +32,6 @@ class Predictor:
         batch_size: int = 8,
         device: str | torch.device | None = None,
         precision: str = "auto",
-        mixed_precision: bool | None = None,
         max_side: int = 2048,
         tile_size: int = 1024,
         tile_overlap: float = 0.25,
@@ -40,8 +39,6 @@ class Predictor:
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model.to(self.device).eval()
         self.batch_size = batch_size
-        if mixed_precision is not None:  # the older switch: False = "32", True = "auto"
-            precision = "auto" if mixed_precision else "32"
         self.autocast_dtype = autocast_dtype(precision, self.device)
         self.max_side = max_side
         self.tile_size = tile_size

@@ -61,7 +61,7 @@ class SegmentationModule(L.LightningModule):
         return loss
 
     def validation_step(self, batch: list[Case], batch_index: int) -> None:
-        predictor = Predictor(self.model, batch_size=self.config.batch_size, device=self.device, mixed_precision=False)
+        predictor = Predictor(self.model, batch_size=self.config.batch_size, device=self.device, precision="32")
         for case in batch:
             labels, _ = predictor.predict(case.image)
             self.val_confusion.update(

@@ -22,7 +22,7 @@ import json
 import logging
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -185,7 +185,9 @@ def train(
 
     # Everything that can fail on bad input happens before the run directory exists; the SAM2 weights
     # first, so that a missing download is reported before any data is read.
-    prepare_weights(config.size, config.weights)
+    source = prepare_weights(config.size, config.weights)
+    if source.kind in ("directory", "official") and not source.reference.startswith("hf://"):
+        config = replace(config, weights=source.reference)  # saved as an absolute path: resumable from anywhere
     spec = load_dataset_spec(data)
     split = resolve_split(spec, config.fold, config.seed)
     normalization = resolve_normalization(spec, split.train)
