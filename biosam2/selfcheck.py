@@ -50,7 +50,7 @@ class Plan:
     max_side: int
     patch_size: int
     batch_size: int
-    steps: int  # training steps per epoch
+    steps: int  # training steps per epoch: train_cases / batch_size, all of them
     bench_sizes: tuple[int, ...]
     bench_configs: tuple[str, ...]
     bench_vanilla_size: int
@@ -58,7 +58,9 @@ class Plan:
     bench_repeats: int
 
 
-FULL = Plan(8, 2, 4, 224, 128, 4, 4, (256,), ("vanilla-sam2", "peg-only", "biosam2-lw", "biosam2-lw-fused", "biosam2-hp"), 1024, 3, 5)
+FULL = Plan(
+    16, 2, 4, 224, 128, 4, 4, (256,), ("vanilla-sam2", "peg-only", "biosam2-lw", "biosam2-lw-fused", "biosam2-hp"), 1024, 3, 5
+)
 QUICK = Plan(4, 1, 2, 96, 64, 2, 2, (64,), ("biosam2-lw-fused", "biosam2-hp"), 64, 0, 1)
 
 
@@ -182,7 +184,8 @@ class SelfCheck:
         metadata = self.state["metadata"]
         images = self.state["data"] / "imagesTs"
         model = biosam2.load_model(self.state["run"] / "model")  # a fresh copy per device: nothing shared
-        written = predict_files(model, images, self.out / folder, normalization=Normalization.from_dict(metadata["normalization"]),
+        normalization = Normalization.from_dict(metadata["normalization"])  # as trained, like `biosam2 predict`
+        written = predict_files(model, images, self.out / folder, normalization=normalization,
                                 batch_size=self.plan.batch_size, device=device, precision=precision)
         inputs = sorted(images.glob("*_0000.png"))
         if len(written) != len(inputs):
@@ -255,7 +258,8 @@ class SelfCheck:
             parts.append(f"{row['config']} {row['latency']['median_ms']:.1f} ms"
                          + (f" / train {step['median_ms']:.1f} ms" if step else ""))
         size = plan.bench_sizes[0]
-        return f"{size}px on {payload['machine']['device']} ({self.precision_name()}): " + ", ".join(parts) + f"; table in {folder / 'efficiency.md'}"
+        where = f"{size}px on {payload['machine']['device']} ({self.precision_name()})"
+        return f"{where}: " + ", ".join(parts) + f"; table in {folder / 'efficiency.md'}"
 
     def precision_name(self) -> str:
         return "bf16 autocast" if self.precision == "bf16-mixed" else "fp32"
