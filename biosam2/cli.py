@@ -7,6 +7,7 @@
     biosam2 predict RUN INPUT OUT         label maps for a file, folder or volume
     biosam2 evaluate PRED GT              mIoU / Dice / HD95 of predictions against ground truth
     biosam2 bench efficiency|accuracy     the efficiency table; the accuracy/ablation grid
+    biosam2 selfcheck --device cuda       train, resume, save, predict, compare with the CPU, bench: one line per check
 
 Errors in the user's input are printed as one message (no traceback unless ``--debug``) and the
 command exits with status 2; an interrupted command exits with 130.
@@ -144,6 +145,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_selfcheck(args: argparse.Namespace) -> int:
+    from biosam2.selfcheck import run_selfcheck
+
+    return run_selfcheck(args.device, out=args.out, precision=args.precision, quick=args.quick)
+
+
 # ---- parser -------------------------------------------------------------------------------------
 def _add_train_options(parser: argparse.ArgumentParser) -> None:
     model = parser.add_argument_group("model")
@@ -254,6 +261,21 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("benchmark", choices=BENCHMARKS)
     bench.add_argument("options", nargs=argparse.REMAINDER, help="the benchmark's own options")
     bench.set_defaults(handler=cmd_bench)
+
+    selfcheck = commands.add_parser(
+        "selfcheck",
+        help="does biosam2 work on this machine's GPU? train, resume, predict, GPU vs CPU, bench (a few minutes)",
+        description="Trains a tiny model (random SAM2 weights, synthetic data) with mixed precision on the device, resumes "
+        "it, loads its artifact, predicts, compares the device's predictions with the CPU's fp32 ones and runs a minimal "
+        "`bench efficiency`; prints PASS|FAIL per check and exits 0 only if all passed.",
+    )
+    selfcheck.add_argument("--device", choices=["cuda", "cpu"], default="cuda",
+                           help="cuda (default), or cpu: the same checks, comparing bf16-mixed with fp32 on the CPU")
+    selfcheck.add_argument("--out", help="output folder (default: a fresh temporary folder; a fresh one beside it if it exists)")
+    selfcheck.add_argument("--precision", choices=[p for p in PRECISIONS if p != "auto"],
+                           help="training and device-prediction precision (default bf16-mixed; 16-mixed on GPUs without bf16)")
+    selfcheck.add_argument("--quick", action="store_true", help="the smallest sizes (seconds on a GPU; what the tests run)")
+    selfcheck.set_defaults(handler=cmd_selfcheck)
     return parser
 
 
@@ -290,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.command in ("train", "demo", "bench"):
+    if args.command in ("train", "demo", "bench", "selfcheck"):
         _quiet_third_party_logging()
     try:
         return args.handler(args)

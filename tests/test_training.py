@@ -146,7 +146,7 @@ def test_model_from_the_run_loads_through_the_public_api(trained):
 
 
 @pytest.mark.parametrize(
-    "command", [["demo"], ["convert"], ["check-data"], ["train"], ["predict"], ["evaluate"], ["bench"], ["bench", "efficiency"], ["bench", "accuracy"]]
+    "command", [["demo"], ["convert"], ["check-data"], ["train"], ["predict"], ["evaluate"], ["bench"], ["bench", "efficiency"], ["bench", "accuracy"], ["selfcheck"]]
 )
 def test_every_command_answers_help(command, capsys):
     with pytest.raises(SystemExit) as exit_:
