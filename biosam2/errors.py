@@ -21,3 +21,7 @@ class DataError(BioSAM2Error):
 
 class ConfigError(BioSAM2Error):
     """An option or configuration value is invalid."""
+
+
+class TrainingDiverged(BioSAM2Error):
+    """Training produced NaN or Inf values (usually a learning rate that is too high)."""

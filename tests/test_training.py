@@ -213,3 +213,32 @@ def test_demo_runs_the_whole_workflow_and_never_reuses_a_folder(tmp_path, capsys
     assert written == expected
     assert (made / "run" / "model" / "biosam2.safetensors").is_file()
     assert "everything is in" in capsys.readouterr().out
+
+
+def test_a_diverging_run_stops_with_a_clear_error_and_saves_no_nan_model(dataset, tmp_path, capsys):
+    """--lr 1e4 sends the loss to 1e24 and then NaN: the run must fail, not end with a NaN artifact."""
+    import torch
+
+    run = tmp_path / "run"
+    options = ["--weights", "random", "--adapter", "lw", "--epochs", "3", "--batch-size", "2", "--patch-size", "64",
+               "--num-workers", "0", "--no-progress", "--lr", "1e4"]
+    assert main(["train", str(dataset), "--out", str(run), *options]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "training diverged" in errors[0] and "--lr" in errors[0], errors
+    assert not (run / "model").exists() and not (run / "metrics.json").exists()
+    for checkpoint in (run / "checkpoints").glob("*.ckpt"):
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)["state_dict"]
+        assert all(torch.isfinite(t).all() for t in state.values() if t.is_floating_point()), checkpoint
+
+
+def test_load_model_refuses_nan_weights(tmp_path):
+    import safetensors.torch
+
+    from biosam2.model.artifact import WEIGHTS_FILE
+
+    biosam2.build_model("tiny", weights="random", num_classes=2, adapter="lw").save_pretrained(tmp_path / "artifact")
+    tensors = safetensors.torch.load_file(tmp_path / "artifact" / WEIGHTS_FILE)
+    tensors["decoder.class_tokens"][0, 0] = float("nan")
+    safetensors.torch.save_file(tensors, tmp_path / "artifact" / WEIGHTS_FILE)
+    with pytest.raises(biosam2.CheckpointError, match="NaN or Inf.*decoder.class_tokens"):
+        biosam2.load_model(tmp_path / "artifact")

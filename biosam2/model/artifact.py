@@ -24,6 +24,7 @@ from safetensors import SafetensorError
 from biosam2.atomic_io import replace_directory
 from biosam2.errors import CheckpointError
 from biosam2.model.config import ModelConfig
+from biosam2.model.segmenter import non_finite
 from biosam2.model.sam2_weights import RandomWeightsWarning, WeightsSource
 from biosam2.options import RANDOM_WEIGHTS
 
@@ -38,6 +39,9 @@ def save_artifact(model, directory: str | Path, metadata: dict[str, Any] | None 
     model = getattr(model, "_orig_mod", model)  # a torch.compile'd model saves what it wraps
     source: WeightsSource = model.weights_source
     tensors = {name: t.contiguous().clone() for name, t in model.trained_state_dict().items()}
+    bad = non_finite(tensors)
+    if bad:  # a diverged model must never become an artifact that predicts background everywhere
+        raise CheckpointError(f"{directory}: not saved: {len(bad)} trained tensor(s) hold NaN or Inf values ({', '.join(bad[:4])})")
     description = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -118,6 +122,9 @@ def load_model(
     except (SafetensorError, OSError) as error:
         raise CheckpointError(f"{weights_path}: not a readable safetensors file ({error})") from None
     legacy = model.check_trained_tensors(tensors, f"{weights_path} (described by {CONFIG_FILE})")
+    bad = non_finite(tensors)
+    if bad:
+        raise CheckpointError(f"{weights_path}: {len(bad)} trained tensor(s) hold NaN or Inf values ({', '.join(bad[:4])}); the model diverged")
     if check_fingerprint and model.base_fingerprint(leave_out=legacy) != description["base_fingerprint"]:
         raise CheckpointError(
             f"{directory}: the base SAM2 weights ({source.reference or 'random, seed ' + str(source.seed)}) are not "

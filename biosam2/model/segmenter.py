@@ -18,6 +18,11 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors that hold a NaN or an Inf."""
+    return sorted(name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all())
+
+
 class BioSAM2(nn.Module):
     """Prompt-free multi-class SAM2 with PEG and adapters. Build it with :func:`biosam2.build_model`.
 

@@ -13,10 +13,10 @@ from torchmetrics.classification import MulticlassConfusionMatrix
 
 from biosam2.data.cases import Case
 from biosam2.data.training_data import IGNORE_INDEX
-from biosam2.errors import CheckpointError
+from biosam2.errors import CheckpointError, TrainingDiverged
 from biosam2.evaluation.metrics import iou_from_confusion
 from biosam2.inference.predictor import Predictor
-from biosam2.model.segmenter import BioSAM2
+from biosam2.model.segmenter import BioSAM2, non_finite
 from biosam2.training.config import TrainConfig
 
 
@@ -57,8 +57,28 @@ class SegmentationModule(L.LightningModule):
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_index: int) -> torch.Tensor:
         images, labels = batch
         loss = self.loss(self.model(images), labels)
+        self._last_loss = loss.detach()
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=images.shape[0], sync_dist=True)
         return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Stop at the first non-finite gradient, before the step could write NaN into the weights.
+
+        Gradients are checked rather than the loss because DDP has averaged them already: every process
+        sees the same values and stops together. fp16's gradient scaler skips such steps by design.
+        """
+        if self.trainer.precision == "16-mixed":
+            return
+        gradients = {name: p.grad for name, p in self.model.named_parameters() if p.grad is not None}
+        if not gradients or torch.stack([torch.isfinite(g).all() for g in gradients.values()]).all():
+            return  # one device sync per step; names are looked up only when something is wrong
+        bad = non_finite(gradients)
+        if bad:
+            raise TrainingDiverged(
+                f"training diverged at epoch {self.current_epoch}, step {self.global_step}: loss {float(self._last_loss):.4g}, "
+                f"{len(bad)} gradient(s) with NaN/Inf ({', '.join(bad[:2])}); the step was not applied. "
+                f"Lower the learning rate (--lr, now {self.config.lr:g})"
+            )
 
     def validation_step(self, batch: list[Case], batch_index: int) -> None:
         predictor = Predictor(self.model, batch_size=self.config.batch_size, device=self.device, precision="32")
@@ -86,6 +106,9 @@ class SegmentationModule(L.LightningModule):
 
     # Small checkpoints: only trained tensors, plus the base fingerprint to catch a wrong base on resume.
     def on_save_checkpoint(self, checkpoint: dict) -> None:
+        bad = non_finite(self.model.trained_state_dict())
+        if bad:  # never a NaN best.ckpt or last.ckpt (e.g. BatchNorm statistics of non-finite activations)
+            raise TrainingDiverged(f"training diverged by epoch {self.current_epoch}: {len(bad)} trained tensor(s) hold NaN/Inf ({', '.join(bad[:2])}); lower the learning rate (--lr)")
         trained = {f"model.{name}" for name in self.model.trained_state_dict()}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trained or not k.startswith("model.")}
         checkpoint["biosam2_base_fingerprint"] = self.model.base_fingerprint()

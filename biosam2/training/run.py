@@ -38,7 +38,7 @@ from biosam2.data.cases import Case, load_case, resolve_normalization
 from biosam2.data.dataset_format import CaseFiles, DatasetSpec, load_dataset_spec
 from biosam2.data.image_io import IMAGE_2D_ENDINGS, write_like
 from biosam2.data.normalization import Normalization
-from biosam2.errors import CheckpointError, ConfigError, DataError
+from biosam2.errors import CheckpointError, ConfigError, DataError, TrainingDiverged
 from biosam2.inference.predictor import Predictor
 from biosam2.model.factory import build_model, count_parameters
 from biosam2.model.sam2_weights import prepare_weights
@@ -246,6 +246,11 @@ def train(
         warnings.filterwarnings("ignore", message=".*Checkpoint directory .* exists and is not empty.*")
         try:
             trainer.fit(module, datamodule=data_module, ckpt_path=str(last) if resume else None, weights_only=True)
+        except TrainingDiverged as error:
+            raise TrainingDiverged(
+                f"{run}: {error}. Nothing was saved from the diverged step: {last.relative_to(run)} holds the last "
+                "finished epoch; start a new run (another --out) with a lower --lr"
+            ) from None
         except SystemExit:  # Lightning turns Ctrl-C into a graceful shutdown and sys.exit(1)
             if trainer.interrupted:
                 raise KeyboardInterrupt from None
