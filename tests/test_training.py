@@ -242,3 +242,26 @@ def test_load_model_refuses_nan_weights(tmp_path):
     safetensors.torch.save_file(tensors, tmp_path / "artifact" / WEIGHTS_FILE)
     with pytest.raises(biosam2.CheckpointError, match="NaN or Inf.*decoder.class_tokens"):
         biosam2.load_model(tmp_path / "artifact")
+
+
+def test_two_dimensional_nifti_cases_train_predict_and_evaluate(tmp_path):
+    """(X, Y) NIfTI files are one-slice volumes: the final evaluation used to crash on their 2 zooms."""
+    import nibabel as nib
+
+    root = tmp_path / "nifti2d"
+    rng = np.random.default_rng(0)
+    for folder in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
+        (root / folder).mkdir(parents=True)
+    for index in range(7):
+        split = "Tr" if index < 5 else "Ts"
+        image = rng.normal(size=(48, 40)).astype(np.float32)
+        nib.save(nib.Nifti1Image(image, np.diag([0.7, 0.7, 1, 1])), root / f"images{split}" / f"c{index}_0000.nii.gz")
+        nib.save(nib.Nifti1Image((image > 0.5).astype(np.uint8), np.diag([0.7, 0.7, 1, 1])), root / f"labels{split}" / f"c{index}.nii.gz")
+    (root / "dataset.json").write_text(json.dumps(
+        {"channel_names": {"0": "MRI"}, "labels": {"background": 0, "fg": 1}, "file_ending": ".nii.gz", "numTraining": 5}
+    ))
+    run = tmp_path / "run"
+    summary = train(root, run, TrainConfig(**{**QUICK, "epochs": 1, "patch_size": 32, "overlays": 0}), progress_bar=False)
+    assert summary["test"]["num_cases"] == 2
+    prediction = nib.load(run / "test_predictions" / "c5.nii.gz")
+    assert prediction.shape == (48, 40) and prediction.header.get_zooms() == (0.7, 0.7)

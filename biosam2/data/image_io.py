@@ -200,7 +200,9 @@ def _read_nifti(path: Path) -> LoadedImage:
         array = array[..., 0]
     if array.ndim != 3:
         raise DataError(f"{path}: expected a 3-D volume, found shape {array.shape}")
-    spacing = tuple(float(z) for z in image.header.get_zooms()[:3])
+    # A 2-D NIfTI (X, Y) is a volume of one slice; its header has two zooms, the slice axis gets 1 mm.
+    zooms = [float(z) for z in image.header.get_zooms()[:3]]
+    spacing = tuple(zooms + [1.0] * (3 - len(zooms)))
     return LoadedImage(np.ascontiguousarray(array), path, spacing, np.asarray(image.affine, dtype=np.float64), image.header)
 
 
@@ -301,6 +303,8 @@ def write_like(path: str | Path, array: np.ndarray, reference: LoadedImage) -> N
         else:
             header = nib.Nifti1Header()
         header.set_data_dtype(array.dtype)
+        if header["dim"][0] == 2 and array.ndim == 3 and array.shape[2] == 1:
+            array = array[:, :, 0]  # a 2-D NIfTI input gets a 2-D NIfTI result
         image = nib.Nifti1Image(array, reference.affine, header)
         image.set_qform(reference.affine, code=int(header["qform_code"]) or 1)
         image.set_sform(reference.affine, code=int(header["sform_code"]) or 1)
