@@ -82,6 +82,7 @@ def test_ctrl_c_stops_cleanly_with_a_resumable_checkpoint(dataset, uninterrupted
     interrupted = cli_with_signal_at_step(dataset, run, 2, "SIGINT")  # during the very first epoch
     assert interrupted.returncode == 130, interrupted.stderr[-2000:]
     assert "continue with --resume" in interrupted.stderr
+    assert "after 0 finished epoch(s)" in interrupted.stderr
     assert "Traceback" not in interrupted.stderr
     checkpoint = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert checkpoint["global_step"] == 0  # the resume point written before the first epoch
@@ -108,3 +109,9 @@ def test_a_full_disk_leaves_the_previous_checkpoint_intact_and_says_so(dataset, 
     assert "previous checkpoint, if any, is intact" in err and "Traceback" not in err
     assert last.read_bytes() == before
     assert not [p for p in last.parent.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+def test_ctrl_c_in_the_second_epoch_says_one_epoch_is_saved(dataset, tmp_path):
+    interrupted = cli_with_signal_at_step(dataset, tmp_path / "run", STEPS_PER_EPOCH + 1, "SIGINT")
+    assert interrupted.returncode == 130, interrupted.stderr[-2000:]
+    assert "after 1 finished epoch(s)" in interrupted.stderr, interrupted.stderr[-2000:]

@@ -86,8 +86,11 @@ class ResumePoint(Callback):
 
     def on_exception(self, trainer: L.Trainer, module: L.LightningModule, exception: BaseException) -> None:
         if isinstance(exception, KeyboardInterrupt) and trainer.is_global_zero:
-            epoch = torch.load(self.path, map_location="cpu", weights_only=True).get("epoch", 0) if self.path.exists() else 0
-            log.warning("interrupted: %s holds the state after %d finished epoch(s); continue with --resume", self.path, epoch)
+            finished = 0
+            if self.path.exists():  # "epoch" is the 0-based epoch it was saved at the end of, or 0 before any step
+                saved = torch.load(self.path, map_location="cpu", weights_only=True)
+                finished = saved.get("epoch", 0) + 1 if saved.get("global_step", 0) > 0 else 0
+            log.warning("interrupted: %s holds the state after %d finished epoch(s); continue with --resume", self.path, finished)
 
 
 @dataclass
