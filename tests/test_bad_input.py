@@ -156,6 +156,10 @@ DATASET_DEFECTS = {
     "16-bit image in an 8-bit dataset": (_sixteen_bit, ("syn_001_0000.png", "uint16", "8-bit")),
     "missing dataset.json": (lambda d: (d / "dataset.json").unlink(), ("dataset.json: missing",)),
     "dataset.json missing keys": (_missing_keys, ("dataset.json", "missing key(s) channel_names, file_ending")),
+    "case id with a space": (
+        lambda d: [(d / sub / f"syn_003{end}").rename(d / sub / f"syn 003{end}") for sub, end in (("imagesTr", "_0000.png"), ("labelsTr", ".png"))],
+        ("syn 003_0000.png", "'syn 003' is not a plain file name"),
+    ),
     "path escaping the dataset": (
         lambda d: (d / "splits_final.json").write_text('[{"train": ["../../etc/passwd"], "val": ["syn_003"]}]'),
         ("splits_final.json", "'../../etc/passwd' is not a plain file name"),

@@ -108,6 +108,8 @@ class DatasetSpec:
         cases = []
         for case_id in sorted(channels):
             files = channels[case_id]
+            # The same rule as for ids in splits_final.json, which names these cases.
+            check_safe_name(case_id, files[min(files)])
             wanted = list(range(self.num_channel_files))
             if sorted(files) != wanted:
                 raise DataError(
