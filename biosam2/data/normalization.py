@@ -6,8 +6,9 @@ Schemes (stated in ``dataset.json`` as ``"normalization": {"scheme": ..., ...}``
 - ``ct``: Hounsfield units clipped to a window ``[low, high]`` and scaled to [0, 1]. When the window
   is not stated it is derived as nnU-Net does: the 0.5 and 99.5 percentiles of the intensities inside
   the labelled foreground of the training cases.
-- ``zscore``: per image / per volume ``(x - mean) / std`` (MRI), mapped so that +-3 SD spans [0, 1].
-- ``percentile``: per image, the 0.5-99.5 percentile range scaled to [0, 1] (16-bit or float images
+- ``zscore``: per image / per volume and per channel ``(x - mean) / std`` (MRI), mapped so that +-3 SD
+  spans [0, 1].
+- ``percentile``: per image and per channel, the 0.5-99.5 percentile range scaled to [0, 1] (16-bit or float images
   without a known modality, e.g. microscopy).
 
 Derivation when not stated: a channel named ``CT`` gives ``ct``; MRI-like names (MR, MRI, T1, T2,
@@ -42,20 +43,27 @@ class Normalization:
                 raise DataError(f"ct normalization needs a window [low, high] with low < high, got {self.window}")
 
     def apply(self, array: np.ndarray) -> np.ndarray:
-        """Normalise one image or volume (all channels alike) to float32."""
+        """Normalise one channels-first image (C, H, W) or volume (C, X, Y, Z) to float32.
+
+        ``zscore`` and ``percentile`` take each channel's own statistics, as nnU-Net does: T1, T2 and
+        FLAIR of one case have unrelated intensity ranges. ``uint8`` and ``ct`` are fixed maps.
+        """
         array = np.asarray(array, dtype=np.float32)
         if self.scheme == "uint8":
             return array / 255.0
         if self.scheme == "ct":
             low, high = self.window
             return (np.clip(array, low, high) - low) / (high - low)
+        return np.stack([self._per_channel(channel) for channel in array]).astype(np.float32, copy=False)
+
+    def _per_channel(self, channel: np.ndarray) -> np.ndarray:
         if self.scheme == "zscore":
-            std = float(array.std())
-            return ((array - float(array.mean())) / max(std, 1e-6)) / 6.0 + 0.5
-        low, high = np.percentile(array, [0.5, 99.5])
-        if high <= low:  # constant image
-            return np.zeros_like(array)
-        return (np.clip(array, low, high) - low) / (high - low)
+            std = float(channel.std())
+            return ((channel - float(channel.mean())) / max(std, 1e-6)) / 6.0 + 0.5
+        low, high = np.percentile(channel, [0.5, 99.5])
+        if high <= low:  # constant channel
+            return np.zeros_like(channel)
+        return (np.clip(channel, low, high) - low) / (high - low)
 
     def to_dict(self) -> dict[str, Any]:
         return {"scheme": self.scheme, **({"window": list(self.window)} if self.window else {})}
