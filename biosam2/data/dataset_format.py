@@ -168,6 +168,19 @@ def load_dataset_spec(root: str | Path) -> DatasetSpec:
     if sorted(channel_names, key=int) != [str(i) for i in range(len(channel_names))]:
         raise DataError(f"{path}: channel_names keys must be 0, 1, ...; found {list(channel_names)}")
     labels = raw["labels"]
+    regions = sorted(k for k, v in labels.items() if isinstance(v, (list, tuple))) if isinstance(labels, dict) else []
+    if regions:
+        raise DataError(
+            f"{path}: labels {', '.join(map(repr, regions))} are nnU-Net regions (lists of ids); region-based "
+            "training is not supported by biosam2: give each class one id (e.g. BraTS: edema, non-enhancing, enhancing)"
+        )
+    if isinstance(labels, dict) and "ignore" in labels:
+        # nnU-Net v2's ignore label (pixels left out of loss and metrics) is not implemented yet: training
+        # it as an ordinary class would be silently wrong.
+        raise DataError(
+            f"{path}: the \"ignore\" label (nnU-Net v2's unannotated pixels) is not supported yet; "
+            "remove it and give those pixels a real class, or train with nnU-Net"
+        )
     if not isinstance(labels, dict) or not all(isinstance(v, int) and not isinstance(v, bool) for v in labels.values()):
         raise DataError(f"{path}: labels must map names to integer ids, e.g. {{\"background\": 0, \"tumour\": 1}}")
     ids = sorted(labels.values())
