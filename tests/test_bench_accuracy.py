@@ -388,7 +388,10 @@ def test_stopping_workers_interrupts_them_like_ctrl_c(tmp_path):
 
     grid = load_grid(write_grid(tmp_path, minimal_grid()))
     launcher = SubprocessLauncher(grid, tmp_path / "out")
-    code = "import time\ntry:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n    raise SystemExit(42)"
+    # A stand-in worker; like the real one (python -m biosam2.bench.accuracy) it takes SIGINT as Ctrl-C
+    # even when the suite runs with SIGINT ignored (nohup ... &).
+    code = ("import signal, time\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
+            "try:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n    raise SystemExit(42)")
     process = subprocess.Popen([sys.executable, "-c", code])
     launcher._running.add(process)
     time.sleep(0.5)  # let it reach the sleep
@@ -554,3 +557,57 @@ def test_math_of_summary_with_one_value_has_no_std():
     summary = accuracy.Summary([0.5], expected=2, states={FINISHED: 1, NEW: 1})
     assert summary.std is None and summary.format(100) == "50.00 (n=1/2)"
     assert math.isclose(accuracy.Summary([0.1, 0.3], 2, {}).std, math.sqrt(0.02))
+
+
+def test_a_worker_started_with_sigint_ignored_still_stops_on_one_sigint(tmp_path):
+    """A grid run with `nohup ... &` ignores SIGINT and its workers inherit that: they must restore it,
+    since the launcher stops them with exactly one SIGINT each."""
+    import signal
+    import subprocess
+    import sys
+
+    from biosam2.data.synthetic import write_synthetic_dataset
+
+    data = write_synthetic_dataset(tmp_path / "syn", train=4, val=2, test=2, max_side=80, min_side=64)
+    grid = load_grid(write_grid(tmp_path, minimal_grid(str(data), seeds=[0], defaults={
+        "weights": "random", "epochs": 500, "batch_size": 2, "patch_size": 64, "num_workers": 0, "overlays": 0,
+    })))
+    command = SubprocessLauncher(grid, tmp_path / "out").command(Cell("syn", "biosam2-lw", 0))
+    worker = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),  # what nohup ... & leaves
+    )
+    try:
+        deadline = time.time() + 120
+        checkpoint = tmp_path / "out" / "runs" / "syn" / "biosam2-lw" / "seed0" / "checkpoints" / "last.ckpt"
+        while not checkpoint.exists() and worker.poll() is None and time.time() < deadline:
+            time.sleep(0.2)  # training has started: the resume point is written before the first epoch
+        assert checkpoint.exists(), worker.communicate(timeout=5)[0][-3000:] if worker.poll() is not None else "not started"
+        worker.send_signal(signal.SIGINT)
+        assert worker.wait(timeout=60) == 130  # stopped like Ctrl-C, 500 epochs not trained
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+
+
+def test_sigterm_to_the_scheduler_stops_the_workers_like_ctrl_c():
+    """`kill PID` of a grid started with nohup: one SIGINT per worker, as for Ctrl-C."""
+    import os
+    import signal
+    import threading
+
+    from biosam2.bench.accuracy.cells import schedule
+
+    started, stopped = threading.Event(), threading.Event()
+
+    def launch(cell, slot):  # a cell that runs until it is stopped
+        started.set()
+        stopped.wait(timeout=30)
+        return CellOutcome(cell, "failed", error="stopped")
+
+    launch.stop = stopped.set
+    threading.Timer(0.5, lambda: started.wait(10) and os.kill(os.getpid(), signal.SIGTERM)).start()
+    with pytest.raises(KeyboardInterrupt):
+        schedule([Cell("syn", "biosam2-lw", 0)], ["0"], launch, report=lambda message: None)
+    assert stopped.is_set()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # restored

@@ -43,6 +43,7 @@ def cli_with_signal_at_step(dataset: Path, run: Path, step: int, signal_name: st
     """``biosam2 train`` in a child process that sends itself a signal in the middle of an epoch."""
     script = textwrap.dedent(f"""
         import os, signal, sys
+        signal.signal(signal.SIGINT, signal.default_int_handler)  # a terminal's Ctrl-C, even under nohup
         import lightning as L
         import biosam2.training.run as run_module
         from biosam2.cli import main

@@ -7,6 +7,7 @@ import logging
 import os
 import queue
 import shlex
+import signal
 import subprocess
 import sys
 import threading
@@ -287,8 +288,6 @@ class SubprocessLauncher:
     def stop(self, grace_seconds: float = 60.0) -> None:
         """Ctrl-C: ask every running worker to stop as ``biosam2 train`` does (SIGINT: it keeps its last
         checkpoint, so the cell resumes next time), then terminate those that do not within the grace time."""
-        import signal
-
         with self._lock:
             running = list(self._running)
         for process in running:
@@ -340,6 +339,9 @@ def schedule(
     threads = [threading.Thread(target=worker, args=(slot,), daemon=True, name=f"gpu-{slot}-{i}") for i, slot in enumerate(slots)]
     for thread in threads:
         thread.start()
+    # SIGTERM (a scheduler, or `kill` of a grid started with nohup, where Ctrl-C cannot reach it) stops
+    # the workers the way Ctrl-C does: one SIGINT each, so that every cell keeps its last checkpoint.
+    previous = signal.signal(signal.SIGTERM, _terminate_as_interrupt) if threading.current_thread() is threading.main_thread() else None
     try:
         while any(thread.is_alive() for thread in threads):  # short joins keep Ctrl-C responsive
             for thread in threads:
@@ -351,7 +353,14 @@ def schedule(
         if stop is not None:
             stop()
         raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     return [outcomes[cell] for cell in cells]
+
+
+def _terminate_as_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 def _describe_outcome(outcome: CellOutcome) -> str:
