@@ -140,3 +140,45 @@ def replace_directory(build: Callable[[Path], None], target: str | Path) -> None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+# ---- one writer per run directory ----------------------------------------------------------------
+LOCK_FILE = ".lock"
+
+
+class DirectoryLocked(Exception):
+    """Another live process holds the directory's lock; ``holder`` is what it wrote there."""
+
+    def __init__(self, holder: str):
+        super().__init__(holder)
+        self.holder = holder
+
+
+@contextlib.contextmanager
+def directory_lock(directory: str | Path) -> Iterator[Path]:
+    """Hold an exclusive OS lock (``flock``) on ``DIRECTORY/.lock`` for the duration of the block.
+
+    The OS releases the lock when the process ends, however it ends (a SIGKILL included), so a dead
+    holder never blocks the next run; no stale-lock guessing is needed. The file itself stays: removing
+    it would let a late opener lock an unlinked file while a third process locks a new one. Raises
+    :class:`DirectoryLocked` at once (no waiting) if another process holds it. ``flock`` is per host on
+    some network file systems: it keeps two runs on one machine apart, not necessarily on two nodes.
+    """
+    import fcntl
+
+    path = Path(directory) / LOCK_FILE
+    # O_CLOEXEC (Python's default): launched child processes (DDP ranks) do not inherit the lock.
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(descriptor, 4096, 0).decode("utf-8", "replace").strip()
+            raise DirectoryLocked(holder or "another process") from None
+        import time
+
+        os.ftruncate(descriptor, 0)
+        os.pwrite(descriptor, f"pid {os.getpid()} on host {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+        yield path
+    finally:
+        os.close(descriptor)  # releases the lock

@@ -108,3 +108,59 @@ def test_a_full_disk_leaves_the_previous_checkpoint_intact_and_says_so(dataset, 
     assert "previous checkpoint, if any, is intact" in err and "Traceback" not in err
     assert last.read_bytes() == before
     assert not [p for p in last.parent.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+def _lock_holder(run: Path) -> subprocess.Popen:
+    """A child process that takes the run's lock the way `train` does, then sleeps."""
+    script = textwrap.dedent(f"""
+        import sys, time
+        from biosam2.atomic_io import directory_lock
+        with directory_lock({str(run)!r}):
+            print("locked", flush=True)
+            time.sleep(600)
+    """)
+    child = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "locked"
+    return child
+
+
+def test_a_second_training_into_a_locked_run_refuses_naming_the_first(dataset, tmp_path, capsys):
+    run = tmp_path / "busy"
+    run.mkdir()
+    holder = _lock_holder(run)
+    try:
+        for extra in ([], ["--resume"]):
+            assert main(["train", str(dataset), "--out", str(run), *OPTIONS, *extra]) == 2
+            err = capsys.readouterr().err
+            assert "another training is running into this run directory" in err and f"pid {holder.pid}" in err, err
+            assert "Traceback" not in err
+        assert not (run / "config.yaml").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_sigkilled_training_does_not_block_resume(dataset, uninterrupted, tmp_path):
+    run = tmp_path / "killed-holder"
+    killed = cli_with_signal_at_step(dataset, run, STEPS_PER_EPOCH + 1, "SIGKILL")
+    assert killed.returncode == -signal.SIGKILL
+    assert (run / ".lock").exists()  # the lock file stays; the OS released the lock with the process
+    assert main(["train", str(dataset), "--out", str(run), "--resume", "--no-progress"]) == 0
+    assert comparable(run) == comparable(uninterrupted)
+
+
+def test_ranks_after_the_first_do_not_take_the_lock(dataset, tmp_path, monkeypatch):
+    from biosam2.training.distributed import is_first_process
+
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert not is_first_process()
+    run = tmp_path / "rank1"
+    run.mkdir()
+    holder = _lock_holder(run)  # as rank 0 holds it during a DDP run
+    try:
+        with pytest.raises(Exception) as raised:  # rank 1 gets past the lock and on to its own checks
+            train(dataset, run, CONFIG, resume=True, progress_bar=False)
+        assert "nothing to resume" in str(raised.value)
+    finally:
+        holder.kill()
+        holder.wait()

@@ -18,6 +18,7 @@ Run directory::
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -33,7 +34,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressB
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from biosam2.atomic_io import atomic_output, atomic_write_json, atomic_write_text
+from biosam2.atomic_io import LOCK_FILE, DirectoryLocked, atomic_output, atomic_write_json, atomic_write_text, directory_lock
 from biosam2.data.cases import Case, load_case, resolve_normalization
 from biosam2.data.dataset_format import CaseFiles, DatasetSpec, load_dataset_spec
 from biosam2.data.image_io import IMAGE_2D_ENDINGS, write_like
@@ -172,8 +173,30 @@ def train(
     rank 0 creates and writes the run directory, the artifact, the test predictions and the reports.
     The summary is returned there; the other processes return None once training has ended.
     """
+    run = Path(run)
+    if not is_first_process():  # DDP's other ranks: rank 0 holds the run's lock for all of them
+        return _train(data, run, config, resume=resume, progress_bar=progress_bar, callbacks=callbacks)
+    created = not run.exists()
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+        with directory_lock(run):
+            return _train(data, run, config, resume=resume, progress_bar=progress_bar, callbacks=callbacks)
+    except DirectoryLocked as locked:
+        raise ConfigError(
+            f"{run}: another training is running into this run directory ({locked.holder}); "
+            "wait for it to end (or stop it), or use another --out"
+        ) from None
+    finally:
+        # A run refused before it began (bad data, bad options) leaves no run directory behind.
+        if created and run.is_dir() and [p.name for p in run.iterdir()] == [LOCK_FILE]:
+            (run / LOCK_FILE).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                run.rmdir()
+
+
+def _train(data, run: Path, config: TrainConfig, *, resume: bool, progress_bar: bool, callbacks) -> dict[str, Any] | None:
     started = time.time()
-    data, run = Path(data), Path(run)
+    data = Path(data)
     last = run / "checkpoints" / "last.ckpt"
     first = is_first_process()
     if resume:
