@@ -182,3 +182,26 @@ def directory_lock(directory: str | Path) -> Iterator[Path]:
         yield path
     finally:
         os.close(descriptor)  # releases the lock
+
+
+# ---- a full disk, whatever the writer raises -------------------------------------------------------
+def free_bytes(directory: str | Path) -> int:
+    stats = os.statvfs(directory)
+    return stats.f_bavail * stats.f_frsize
+
+
+def disk_full(error: BaseException, directory: str | Path) -> bool:
+    """Whether a failed write was a full disk. Writers do not all say so: torch.save raises a
+    RuntimeError ("unexpected pos ..."), numpy an OSError without errno ("N requested and M written"),
+    so when the error itself does not tell, the free space left in ``directory`` decides (call this
+    while the partial file still exists)."""
+    import errno
+
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if isinstance(error, OSError) and "requested and" in str(error) and "written" in str(error):
+        return True  # numpy's short write: the partial file is already gone, the free space may not tell
+    try:
+        return free_bytes(directory) < (16 << 20)
+    except OSError:
+        return False

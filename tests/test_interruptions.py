@@ -164,3 +164,46 @@ def test_ranks_after_the_first_do_not_take_the_lock(dataset, tmp_path, monkeypat
     finally:
         holder.kill()
         holder.wait()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 128 MB file system (tmpfs; a run with its checkpoints takes ~40 MB), so that writers fail the way they do on a full disk."""
+    mount_point = tmp_path / "small-disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=128m", "tmpfs", str(mount_point)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip() or 'mount failed'}); the full-disk test needs root")
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def fill(disk: Path, leave: int) -> None:
+    """Fill ``disk`` up to ``leave`` free bytes."""
+    from biosam2.atomic_io import free_bytes
+
+    with open(disk / "filler", "wb") as stream:
+        stream.write(b"\0" * max(0, free_bytes(disk) - leave))
+
+
+def test_a_real_full_disk_stops_training_with_the_message_and_keeps_the_checkpoint(dataset, small_disk, capsys):
+    run = small_disk / "run"
+    train(dataset, run, TrainConfig(**{**CONFIG.to_dict(), "epochs": 1, "evaluate_test": False, "overlays": 0}), progress_bar=False)
+    last = run / "checkpoints" / "last.ckpt"
+    before = last.read_bytes()
+    fill(small_disk, len(before) // 2)  # room for half a checkpoint: torch.save raises RuntimeError here
+    assert main(["train", str(dataset), "--out", str(run), "--resume", "--epochs", "2", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "could not be written (No space left on device)" in err and "previous checkpoint, if any, is intact" in err, err[-2000:]
+    assert "Traceback" not in err
+    assert last.read_bytes() == before
+    assert not [p for p in last.parent.iterdir() if p.name.startswith(".")]
+
+
+def test_predict_into_a_full_disk_says_disk_full_naming_the_file(dataset, uninterrupted, small_disk, capsys):
+    fill(small_disk, 20_000)
+    out = small_disk / "pred"
+    assert main(["predict", str(uninterrupted), str(dataset / "imagesTs"), str(out), "--probabilities"]) == 2
+    err = capsys.readouterr().err
+    assert "disk full (no space left on device)" in err and str(out) in err and "Traceback" not in err, err[-2000:]
+    assert not out.exists()  # nothing published

@@ -19,6 +19,7 @@ Run directory::
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import time
@@ -34,7 +35,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressB
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from biosam2.atomic_io import LOCK_FILE, DirectoryLocked, atomic_output, atomic_write_json, atomic_write_text, directory_lock
+from biosam2.atomic_io import LOCK_FILE, DirectoryLocked, atomic_output, disk_full, atomic_write_json, atomic_write_text, directory_lock
 from biosam2.data.cases import Case, load_case, resolve_normalization
 from biosam2.data.dataset_format import CaseFiles, DatasetSpec, load_dataset_spec
 from biosam2.data.image_io import IMAGE_2D_ENDINGS, write_like
@@ -61,7 +62,14 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         try:
             with atomic_output(path, suffix=".ckpt") as temporary:
-                torch.save(checkpoint, temporary)
+                try:
+                    torch.save(checkpoint, temporary)
+                except (OSError, RuntimeError) as error:
+                    # torch.save reports a full disk as RuntimeError("... unexpected pos ..."); tell it
+                    # apart while the partial file still fills the disk.
+                    if disk_full(error, temporary.parent):
+                        raise OSError(errno.ENOSPC, "No space left on device") from error
+                    raise OSError(errno.EIO, f"write failed: {error}") from error
         except OSError as error:
             raise CheckpointError(
                 f"{path}: could not be written ({error.strerror or error}); the previous checkpoint, if any, "
