@@ -140,3 +140,68 @@ def replace_directory(build: Callable[[Path], None], target: str | Path) -> None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+
+
+# ---- one writer per run directory ----------------------------------------------------------------
+LOCK_FILE = ".lock"
+
+
+class DirectoryLocked(Exception):
+    """Another live process holds the directory's lock; ``holder`` is what it wrote there."""
+
+    def __init__(self, holder: str):
+        super().__init__(holder)
+        self.holder = holder
+
+
+@contextlib.contextmanager
+def directory_lock(directory: str | Path) -> Iterator[Path]:
+    """Hold an exclusive OS lock (``flock``) on ``DIRECTORY/.lock`` for the duration of the block.
+
+    The OS releases the lock when the process ends, however it ends (a SIGKILL included), so a dead
+    holder never blocks the next run; no stale-lock guessing is needed. The file itself stays: removing
+    it would let a late opener lock an unlinked file while a third process locks a new one. Raises
+    :class:`DirectoryLocked` at once (no waiting) if another process holds it. ``flock`` is per host on
+    some network file systems: it keeps two runs on one machine apart, not necessarily on two nodes.
+    """
+    import fcntl
+
+    path = Path(directory) / LOCK_FILE
+    # O_CLOEXEC (Python's default): launched child processes (DDP ranks) do not inherit the lock.
+    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o666 & ~_UMASK)
+    try:
+        try:
+            fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(descriptor, 4096, 0).decode("utf-8", "replace").strip()
+            raise DirectoryLocked(holder or "another process") from None
+        import time
+
+        os.ftruncate(descriptor, 0)
+        os.pwrite(descriptor, f"pid {os.getpid()} on host {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+        yield path
+    finally:
+        os.close(descriptor)  # releases the lock
+
+
+# ---- a full disk, whatever the writer raises -------------------------------------------------------
+def free_bytes(directory: str | Path) -> int:
+    stats = os.statvfs(directory)
+    return stats.f_bavail * stats.f_frsize
+
+
+def disk_full(error: BaseException, directory: str | Path) -> bool:
+    """Whether a failed write was a full disk. Writers do not all say so: torch.save raises a
+    RuntimeError ("unexpected pos ..."), numpy an OSError without errno ("N requested and M written"),
+    so when the error itself does not tell, the free space left in ``directory`` decides (call this
+    while the partial file still exists)."""
+    import errno
+
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    if isinstance(error, OSError) and "requested and" in str(error) and "written" in str(error):
+        return True  # numpy's short write: the partial file is already gone, the free space may not tell
+    try:
+        return free_bytes(directory) < (16 << 20)
+    except OSError:
+        return False

@@ -46,6 +46,23 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _given_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The options the user actually gave: on the command line (argparse leaves the others None)
+    and in a --config file."""
+    import yaml
+
+    from biosam2.training.config import config_field_names
+
+    given = {}
+    if args.config:
+        try:
+            given = dict(yaml.safe_load(Path(args.config).read_text()) or {})
+        except (OSError, yaml.YAMLError, TypeError, ValueError):
+            given = {}  # TrainConfig.from_yaml reports the problem
+    given.update({name: getattr(args, name) for name in config_field_names() if getattr(args, name, None) is not None})
+    return given
+
+
 def _train_config(args: argparse.Namespace):
     from biosam2.training.config import TrainConfig, config_field_names
 
@@ -56,6 +73,8 @@ def _train_config(args: argparse.Namespace):
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
     from biosam2.errors import ConfigError
     from biosam2.training.config import TrainConfig
     from biosam2.training.run import CONFIG_FILE, train
@@ -64,18 +83,34 @@ def cmd_train(args: argparse.Namespace) -> int:
     run = Path(args.out)
     if args.resume and (run / CONFIG_FILE).exists():
         saved = TrainConfig.from_yaml(run / CONFIG_FILE)
-        given = {k: v for k, v in config.to_dict().items() if v != TrainConfig().to_dict()[k]}
+        # Compare what the user gave, not what differs from the defaults: `--adapter hp` on a LW run
+        # equals the default and must still be refused.
+        given = {k: getattr(config, k) for k in _given_options(args) if hasattr(config, k)}
+        if "weights" in given and _same_weights(given["weights"], saved.weights):
+            given.pop("weights")  # the run saved a local weights path as an absolute one
+        epochs = given.pop("epochs", saved.epochs)
         differ = {k: (v, getattr(saved, k)) for k, v in given.items() if getattr(saved, k) != v}
+        if epochs < saved.epochs:
+            differ["epochs"] = (epochs, saved.epochs)
         if differ:
             raise ConfigError(
                 f"{run}: --resume continues with the run's saved config; these options differ from it: "
                 + ", ".join(f"{k}={new!r} (run has {old!r})" for k, (new, old) in differ.items())
+                + ". Only --epochs may be raised (to extend the run); start a new run (another --out) to change the others"
             )
-        config = saved
+        config = replace(saved, epochs=epochs)
     summary = train(args.data, run, config, resume=args.resume, progress_bar=not args.no_progress)
     if summary is not None:  # None in the other processes of a multi-process run
         _print_summary(run, summary)
     return 0
+
+
+def _same_weights(given: str | None, saved: str | None) -> bool:
+    """A relative local weights path given on resume names the absolute one the run saved."""
+    if given is None or saved is None:
+        return given == saved
+    path = Path(given).expanduser()
+    return path.exists() and str(path.resolve()) == saved
 
 
 def _print_summary(run: Path, summary: dict[str, Any]) -> None:

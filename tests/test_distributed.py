@@ -101,10 +101,8 @@ def test_ddp_from_the_cli_fresh_resume_predict(dataset, tmp_path):
     assert abs(summed - per_rank_mean) > 1e-4
     assert logged_val_miou(run_dir)[-1] == pytest.approx(summed, abs=1e-6)
 
-    # Extend the finished run by one epoch (the saved config is what --resume continues with).
-    config = run_dir / "config.yaml"
-    config.write_text(config.read_text().replace("epochs: 1", "epochs: 2"))
-    resumed = run(biosam2_command("train", str(dataset), "--out", str(run_dir), "--resume", "--no-progress"), tmp_path)
+    # Extend the finished run by one epoch, launched the same way.
+    resumed = run(biosam2_command("train", str(dataset), "--out", str(run_dir), "--resume", "--epochs", "2", *OPTIONS), tmp_path)
     assert resumed.stdout.count("Run directory") == 1
     assert global_step(run_dir) == 2 * (TRAIN_IMAGES // 2 // BATCH)
     assert json.loads((run_dir / "metrics.json").read_text())["epochs_trained"] == 2

@@ -71,8 +71,9 @@ def test_an_existing_run_is_never_overwritten(dataset, trained):
 def test_resume_continues_from_the_last_checkpoint(dataset, tmp_path):
     run = tmp_path / "run"
     train(dataset, run, TrainConfig(**{**QUICK, "epochs": 1}), progress_bar=False)
-    # the same run, now asked for 2 epochs: the CLI refuses a changed config, the API continues it
-    assert main(["train", str(dataset), "--out", str(run), "--resume", "--epochs", "3", "--no-progress"]) == 2
+    # the same run, now asked for 2 epochs: the CLI refuses a changed option (only --epochs may be
+    # raised), the API continues it
+    assert main(["train", str(dataset), "--out", str(run), "--resume", "--lr", "0.01", "--no-progress"]) == 2
     (run / "config.yaml").write_text(TrainConfig(**QUICK).to_yaml())
     summary = train(dataset, run, TrainConfig(**QUICK), resume=True, progress_bar=False)
     assert summary["epochs_trained"] == 2
@@ -265,3 +266,95 @@ def test_two_dimensional_nifti_cases_train_predict_and_evaluate(tmp_path):
     assert summary["test"]["num_cases"] == 2
     prediction = nib.load(run / "test_predictions" / "c5.nii.gz")
     assert prediction.shape == (48, 40) and prediction.header.get_zooms() == (0.7, 0.7)
+
+
+# ---- --resume safety (issue 10, item 6) ---------------------------------------------------------
+RESUME_CLI = ["--weights", "random", "--adapter", "lw", "--batch-size", "2", "--patch-size", "64", "--lr", "1e-3", "--num-workers", "0", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def one_epoch(dataset, tmp_path_factory):
+    run = tmp_path_factory.mktemp("runs") / "one"
+    train(dataset, run, TrainConfig(**{**QUICK, "epochs": 1}), progress_bar=False)
+    return run
+
+
+def _copy(run: Path, to: Path) -> Path:
+    import shutil
+
+    shutil.copytree(run, to)
+    return to
+
+
+def test_resume_refuses_given_options_even_when_they_equal_the_defaults(dataset, one_epoch, tmp_path, capsys):
+    run = _copy(one_epoch, tmp_path / "run")
+    assert main(["train", str(dataset), "--out", str(run), "--resume", "--adapter", "hp", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "adapter='hp' (run has 'lw')" in err and "Traceback" not in err
+    assert main(["train", str(dataset), "--out", str(run), "--resume", "--epochs", "0", "--no-progress"]) == 2
+    assert main(["train", str(dataset), "--out", str(run), *RESUME_CLI, "--epochs", "1", "--resume"]) == 0  # the same options are fine
+
+
+def test_resume_refuses_another_dataset_naming_what_changed(dataset, one_epoch, tmp_path, capsys):
+    import shutil
+
+    run = _copy(one_epoch, tmp_path / "run")
+    other = tmp_path / "other"
+    shutil.copytree(dataset, other)  # a copy (new mtimes) is the same data ...
+    label = sorted((other / "labelsTr").iterdir())[0]
+    case = label.name.removesuffix(".png")
+    array = read_label(label).array.copy()
+    array[0, 0] = (array[0, 0] + 1) % 4
+    import PIL.Image
+
+    PIL.Image.fromarray(array.astype(np.uint8)).save(label)  # ... but an edited label is not
+    assert main(["train", str(other), "--out", str(run), "--resume", "--epochs", "2", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "--resume with another dataset" in err and case in err and "Traceback" not in err
+
+
+def test_a_moved_run_resumes_and_keeps_its_best_score(dataset, one_epoch, tmp_path):
+    import torch
+
+    run = _copy(one_epoch, tmp_path / "moved")  # a different path from the one it was trained in
+    before = torch.load(run / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
+    best_score = next(v["best_model_score"] for k, v in before["callbacks"].items() if "val/mIoU" in k)
+
+    seen = {}
+
+    class Spy(biosam2.training.run.Callback):
+        def on_train_start(self, trainer, module):
+            seen["best"] = trainer.checkpoint_callback.best_model_score
+            seen["path"] = trainer.checkpoint_callback.best_model_path
+
+    summary = train(dataset, run, TrainConfig(**QUICK), resume=True, progress_bar=False, callbacks=[Spy()])
+    assert seen["best"] == best_score and seen["path"] == str(run / "checkpoints" / "best.ckpt")
+    assert summary["best_val_mIoU"] >= float(best_score)
+
+
+def test_lost_last_checkpoint_gives_one_way_out(dataset, one_epoch, tmp_path, capsys):
+    run = _copy(one_epoch, tmp_path / "run")
+    (run / "checkpoints" / "last.ckpt").unlink()
+    for extra in ([], ["--resume"]):
+        assert main(["train", str(dataset), "--out", str(run), *RESUME_CLI, "--epochs", "1", *extra]) == 2
+        err = capsys.readouterr().err
+        assert "last.ckpt is missing" in err and "copy" in err and "best.ckpt" in err
+    import shutil
+
+    shutil.copy(run / "checkpoints" / "best.ckpt", run / "checkpoints" / "last.ckpt")
+    assert main(["train", str(dataset), "--out", str(run), "--resume", "--no-progress"]) == 0
+
+
+def test_a_finished_run_is_extended_by_more_epochs_on_a_stretched_cosine(dataset, one_epoch, tmp_path):
+    import torch
+
+    run = _copy(one_epoch, tmp_path / "run")
+    assert main(["train", str(dataset), "--out", str(run), "--resume", "--epochs", "2", "--no-progress"]) == 0
+    assert yaml.safe_load((run / "config.yaml").read_text())["epochs"] == 2
+    assert json.loads((run / "metrics.json").read_text())["epochs_trained"] == 2
+    state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    schedule = state["lr_schedulers"][0]
+    steps = state["global_step"]
+    assert schedule["T_max"] == steps  # the cosine of the new length, ending at 0 at its end
+    lr = state["optimizer_states"][0]["param_groups"][0]["lr"]
+    assert lr == pytest.approx(0.0, abs=1e-12)

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from biosam2.atomic_io import INCOMPLETE_MARKER, atomic_write_text, make_staging_dir, publish_directory
+from biosam2.atomic_io import INCOMPLETE_MARKER, atomic_write_text, disk_full, make_staging_dir, publish_directory
 from biosam2.data.cases import channels_first
 from biosam2.data.image_io import (
     IMAGE_2D_ENDINGS,
@@ -222,6 +222,17 @@ def predict_files(
 
         def finish(case: InputCase, reference: LoadedImage, image: np.ndarray, labels: np.ndarray, probs) -> None:
             destination = output_path(output, case, reference)
+            try:
+                write(case, reference, image, labels, probs, destination)
+            except OSError as error:
+                # Writers word a full disk differently (numpy: "N requested and M written"): say it plainly.
+                reason = "disk full (no space left on device)" if disk_full(error, staging) else (error.strerror or str(error))
+                raise DataError(
+                    f"{destination}: could not be written: {reason}. Nothing was published to {output}; "
+                    "free some space (or choose another output folder) and run predict again"
+                ) from error
+
+        def write(case: InputCase, reference: LoadedImage, image: np.ndarray, labels: np.ndarray, probs, destination: Path) -> None:
             write_like(staging / destination.name, labels, reference)
             written.append(destination)
             if probabilities and probs is not None:

@@ -18,6 +18,8 @@ Run directory::
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import time
@@ -33,7 +35,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressB
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from biosam2.atomic_io import atomic_output, atomic_write_json, atomic_write_text
+from biosam2.atomic_io import LOCK_FILE, DirectoryLocked, atomic_output, disk_full, atomic_write_json, atomic_write_text, directory_lock
 from biosam2.data.cases import Case, load_case, resolve_normalization
 from biosam2.data.dataset_format import CaseFiles, DatasetSpec, load_dataset_spec
 from biosam2.data.image_io import IMAGE_2D_ENDINGS, write_like
@@ -60,12 +62,74 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any | None = None) -> None:
         try:
             with atomic_output(path, suffix=".ckpt") as temporary:
-                torch.save(checkpoint, temporary)
+                try:
+                    torch.save(checkpoint, temporary)
+                except (OSError, RuntimeError) as error:
+                    # torch.save reports a full disk as RuntimeError("... unexpected pos ..."); tell it
+                    # apart while the partial file still fills the disk.
+                    if disk_full(error, temporary.parent):
+                        raise OSError(errno.ENOSPC, "No space left on device") from error
+                    raise OSError(errno.EIO, f"write failed: {error}") from error
         except OSError as error:
             raise CheckpointError(
                 f"{path}: could not be written ({error.strerror or error}); the previous checkpoint, if any, "
                 "is intact: free some space and continue with --resume"
             ) from error
+
+
+class RunCheckpoint(ModelCheckpoint):
+    """A ModelCheckpoint that keeps its best-score record when the run directory has moved.
+
+    Lightning drops ``best_model_score`` when the saved ``dirpath`` differs from the current one, so
+    a moved run would let a worse epoch replace best.ckpt. Our checkpoints always live in
+    RUN/checkpoints and are only resumed from there, so a different saved dirpath means the run moved
+    (or was reached by another path): the saved paths are rebased onto the current folder.
+    """
+
+    def _generate_state_key(self, **kwargs: Any) -> str:
+        return f"ModelCheckpoint{kwargs!r}"  # the key runs saved before this class existed carry
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict.get("dirpath")
+        if saved and saved != self.dirpath:
+            def moved(path):
+                return str(Path(self.dirpath) / Path(path).name) if path else path
+
+            state_dict = {
+                **state_dict,
+                "dirpath": self.dirpath,
+                "best_model_path": moved(state_dict.get("best_model_path")),
+                "kth_best_model_path": moved(state_dict.get("kth_best_model_path")),
+                "last_model_path": moved(state_dict.get("last_model_path")),
+                "best_k_models": {moved(k): v for k, v in (state_dict.get("best_k_models") or {}).items()},
+            }
+        super().load_state_dict(state_dict)
+
+
+class StretchedSchedule(Callback):
+    """A resumed run asked for more epochs continues on the cosine of its new length.
+
+    The restored scheduler state carries the old total (T_max); left alone, the cosine would pass its
+    end and climb back up. Here T_max becomes the new total and the learning rate the cosine's value
+    at the current step, as if the new number of epochs had been asked for from the start. A resume
+    with the same length changes nothing (T_max already matches), so it stays bit-for-bit exact.
+    """
+
+    def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
+        import math
+
+        total = max(1, int(trainer.estimated_stepping_batches))
+        for entry in trainer.lr_scheduler_configs:
+            schedule = entry.scheduler
+            if not isinstance(schedule, torch.optim.lr_scheduler.CosineAnnealingLR) or schedule.T_max == total:
+                continue
+            log.info("learning-rate schedule: cosine over %d steps (was %d), now at step %d", total, schedule.T_max, schedule.last_epoch)
+            schedule.T_max = total
+            step = min(schedule.last_epoch, total)
+            rates = [schedule.eta_min + (base - schedule.eta_min) * (1 + math.cos(math.pi * step / total)) / 2 for base in schedule.base_lrs]
+            for group, rate in zip(schedule.optimizer.param_groups, rates):
+                group["lr"] = rate
+            schedule._last_lr = rates
 
 
 class ResumePoint(Callback):
@@ -175,13 +239,46 @@ def train(
     rank 0 creates and writes the run directory, the artifact, the test predictions and the reports.
     The summary is returned there; the other processes return None once training has ended.
     """
+    run = Path(run)
+    if not is_first_process():  # DDP's other ranks: rank 0 holds the run's lock for all of them
+        return _train(data, run, config, resume=resume, progress_bar=progress_bar, callbacks=callbacks)
+    created = not run.exists()
+    try:
+        run.mkdir(parents=True, exist_ok=True)
+        with directory_lock(run):
+            return _train(data, run, config, resume=resume, progress_bar=progress_bar, callbacks=callbacks)
+    except DirectoryLocked as locked:
+        raise ConfigError(
+            f"{run}: another training is running into this run directory ({locked.holder}); "
+            "wait for it to end (or stop it), or use another --out"
+        ) from None
+    finally:
+        # A run refused before it began (bad data, bad options) leaves no run directory behind.
+        if created and run.is_dir() and [p.name for p in run.iterdir()] == [LOCK_FILE]:
+            (run / LOCK_FILE).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                run.rmdir()
+
+
+def _train(data, run: Path, config: TrainConfig, *, resume: bool, progress_bar: bool, callbacks) -> dict[str, Any] | None:
     started = time.time()
-    data, run = Path(data), Path(run)
+    data = Path(data)
     last = run / "checkpoints" / "last.ckpt"
     first = is_first_process()
+    best_ckpt = run / "checkpoints" / "best.ckpt"
+    # last.ckpt gone but the run there: one way out for both commands (not "use the other command").
+    lost = (
+        f"{run}: checkpoints/last.ckpt is missing, so the run cannot continue where it stopped; "
+        + (f"to continue from its best epoch, copy {best_ckpt} to {last} and use --resume; " if best_ckpt.exists() else "")
+        + "or start a new run (another --out)"
+    )
     if resume:
         if not last.exists():
+            if (run / CONFIG_FILE).exists():
+                raise ConfigError(lost)
             raise ConfigError(f"{run}: nothing to resume (no checkpoints/last.ckpt); start the run without --resume")
+    elif first and (run / CONFIG_FILE).exists() and not last.exists():
+        raise ConfigError(lost)
     elif first and ((run / CONFIG_FILE).exists() or last.exists()):
         # Only the first process may judge: DDP's re-launched ranks see the run that rank 0 just began.
         raise ConfigError(f"{run}: already holds a run; use --resume to continue it, or another --out")
@@ -198,7 +295,9 @@ def train(
     train_cases = [load_case(spec, files, normalization) for files in split.train]
     val_cases = [load_case(spec, files, normalization) for files in split.val]
     model = build_model(num_classes=spec.num_classes, seed=config.seed, **config.model_options(), weights=config.weights)
+    fingerprint = dataset_fingerprint(spec, split)
     if resume:
+        check_same_run(run, data, config, fingerprint)
         check_resumable(last, model)
     run_info = {
         "dataset": str(data.resolve()),
@@ -208,6 +307,7 @@ def train(
         "file_ending": spec.file_ending,
         "normalization": normalization.to_dict(),
         "split": {"note": split.note, "train": [c.case_id for c in split.train], "val": [c.case_id for c in split.val], "test": [c.case_id for c in split.test]},
+        "fingerprint": fingerprint,
     }
     if first:
         run.mkdir(parents=True, exist_ok=True)
@@ -220,8 +320,8 @@ def train(
 
     data_module = SegmentationData(train_cases, val_cases, config)
 
-    best = ModelCheckpoint(dirpath=run / "checkpoints", filename="best", monitor="val/mIoU", mode="max", save_top_k=1, enable_version_counter=False)
-    latest = ModelCheckpoint(dirpath=run / "checkpoints", filename="last", save_top_k=1, every_n_epochs=1, save_on_train_epoch_end=True, enable_version_counter=False)
+    best = RunCheckpoint(dirpath=run / "checkpoints", filename="best", monitor="val/mIoU", mode="max", save_top_k=1, enable_version_counter=False)
+    latest = RunCheckpoint(dirpath=run / "checkpoints", filename="last", save_top_k=1, every_n_epochs=1, save_on_train_epoch_end=True, enable_version_counter=False)
     trainer = L.Trainer(
         max_epochs=config.epochs,
         accelerator=config.accelerator,
@@ -230,7 +330,7 @@ def train(
         num_nodes=config.num_nodes,
         precision=precision_for(config),
         logger=_loggers(run),
-        callbacks=[best, latest, ResumePoint(last), *(callbacks or [])]
+        callbacks=[best, latest, ResumePoint(last), StretchedSchedule(), *(callbacks or [])]
         + ([TQDMProgressBar(refresh_rate=1)] if progress_bar else []),
         plugins=[AtomicCheckpointIO()],
         check_val_every_n_epoch=config.val_every,
@@ -291,6 +391,64 @@ def train(
     summary["seconds"] = round(time.time() - started, 1)
     atomic_write_json(run / "metrics.json", summary)
     return summary
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def dataset_fingerprint(spec: DatasetSpec, split: Split) -> dict[str, Any]:
+    """What a resumed run must find unchanged: dataset.json, the split file and every train/val file.
+
+    Content hashes, not (size, mtime): a dataset copied elsewhere (new mtimes) is the same data and
+    resumes, while a file edited in place is caught. Training has just read every one of these files
+    anyway, so hashing them costs little next to training. One hash per case names what changed.
+    """
+    files = {name: (_sha256(spec.root / name) if (spec.root / name).is_file() else None) for name in ("dataset.json", "splits_final.json")}
+    cases = {}
+    for case in [*split.train, *split.val]:
+        parts = [*case.images, *([case.label] if case.label is not None else [])]
+        cases[case.case_id] = "/".join(_sha256(part)[:16] for part in parts)
+    return {"files": files, "train": [c.case_id for c in split.train], "val": [c.case_id for c in split.val], "cases": cases}
+
+
+def check_same_run(run: Path, data: Path, config: TrainConfig, fingerprint: dict[str, Any]) -> None:
+    """--resume must continue the same training: the same data and the same model options."""
+    try:
+        saved_run = json.loads((run / RUN_FILE).read_text())
+        saved_config = TrainConfig.from_yaml(run / CONFIG_FILE)
+    except (OSError, ValueError):
+        return  # an older or partial run directory: check_resumable still checks the checkpoint itself
+    changed = {k: (v, getattr(saved_config, k)) for k, v in config.model_options().items() if getattr(saved_config, k) != v}
+    if changed:
+        raise ConfigError(
+            f"{run}: --resume must keep the run's model options; these differ: "
+            + ", ".join(f"{k}={new!r} (run has {old!r})" for k, (new, old) in changed.items())
+            + "; resume with the run's own options, or start a new run (another --out)"
+        )
+    before = saved_run.get("fingerprint")
+    if not before:
+        log.warning("%s: the run records no dataset fingerprint (made by an older biosam2): the dataset is not checked", run)
+        return
+    problems = [f"{name} changed" for name in ("dataset.json", "splits_final.json") if before["files"].get(name) != fingerprint["files"].get(name)]
+    for part in ("train", "val"):
+        if before[part] != fingerprint[part]:
+            problems.append(f"the {part} split changed")
+    old, new = before["cases"], fingerprint["cases"]
+    differ = sorted(k for k in set(old) & set(new) if old[k] != new[k])
+    if differ:
+        problems.append(f"files of {len(differ)} case(s) changed ({', '.join(differ[:5])})")
+    if problems:
+        raise ConfigError(
+            f"{run}: --resume with another dataset: {data} is not the data this run was trained on "
+            f"({saved_run.get('dataset')}): {'; '.join(problems)}. Resume with the original dataset, or start a new run (another --out)"
+        )
 
 
 def check_resumable(path: Path, model) -> None:
