@@ -20,7 +20,7 @@ from biosam2.data.convert.kvasir_seg import pair_images_and_masks
 from biosam2.data.dataset_format import SPLITS_JSON, DatasetSpec, load_dataset_spec
 from biosam2.data.normalization import Normalization
 from biosam2.errors import ConfigError, DataError
-from tests.conftest import SHARED_DATA, require_shared
+from conftest import SHARED_DATA, require_shared
 
 SPLITS = ("train", "val", "test")
 
