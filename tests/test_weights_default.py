@@ -70,7 +70,8 @@ def test_random_weights_only_when_asked():
 def _train_without_weights(tmp_path: Path, **env: str) -> subprocess.CompletedProcess:
     """``biosam2 train`` with the default weights, an empty HF_HOME and no dataset at all."""
     environment = {**os.environ, "HF_HOME": str(tmp_path / "empty-hf-home"), **env}
-    environment.pop("HF_HUB_CACHE", None)
+    for name in ("HF_HUB_CACHE", "HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        environment.pop(name, None)  # a proxy would hide the refused connection this test is about
     command = [sys.executable, "-m", "biosam2", "train", str(tmp_path / "no-such-dataset"), "--out", str(tmp_path / "run")]
     return subprocess.run(command, env=environment, capture_output=True, text=True, timeout=300)
 
