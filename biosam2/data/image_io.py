@@ -111,9 +111,7 @@ def _check_contents(loaded: LoadedImage) -> None:
 
 
 def _read_pil(path: Path, palette_indices: bool = False) -> LoadedImage:
-    from PIL import Image
-
-    from PIL import ImageOps
+    from PIL import Image, ImageOps
 
     with Image.open(path) as opened:
         opened.load()  # decode now, so a truncated file fails here, with its name

@@ -121,12 +121,13 @@ class BioSAM2(nn.Module):
         from biosam2.errors import CheckpointError
 
         expected = self.trained_state_dict()
-        names, buffers = set(tensors), {name for name, _ in self.named_buffers()}
-        legacy = (names - set(expected)) & self.frozen_base_names & buffers
-        missing, unexpected = sorted(set(expected) - names), sorted(names - set(expected) - legacy)
+        names, expected_names = set(tensors), set(expected)
+        buffers = {name for name, _ in self.named_buffers()}
+        legacy = (names - expected_names) & self.frozen_base_names & buffers
+        missing, unexpected = sorted(expected_names - names), sorted(names - expected_names - legacy)
         wrong_shape = sorted(
             f"{name} {tuple(tensors[name].shape)} vs model {tuple(expected[name].shape)}"
-            for name in names & set(expected)
+            for name in names & expected_names
             if tensors[name].shape != expected[name].shape
         )
         if missing or unexpected or wrong_shape:

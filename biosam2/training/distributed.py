@@ -23,11 +23,3 @@ def is_first_process() -> bool:
             return False
     return True
 
-
-def processes_per_node_from_launcher() -> int | None:
-    """How many processes per node torchrun or SLURM started (``--devices auto`` takes this), if any."""
-    for name in ("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE"):
-        value = os.environ.get(name, "").strip()
-        if value.isdigit():
-            return int(value)
-    return None

@@ -73,12 +73,11 @@ class SegmentationModule(L.LightningModule):
         if not gradients or torch.stack([torch.isfinite(g).all() for g in gradients.values()]).all():
             return  # one device sync per step; names are looked up only when something is wrong
         bad = non_finite(gradients)
-        if bad:
-            raise TrainingDiverged(
-                f"training diverged at epoch {self.current_epoch}, step {self.global_step}: loss {float(self._last_loss):.4g}, "
-                f"{len(bad)} gradient(s) with NaN/Inf ({', '.join(bad[:2])}); the step was not applied. "
-                f"Lower the learning rate (--lr, now {self.config.lr:g})"
-            )
+        raise TrainingDiverged(
+            f"training diverged at epoch {self.current_epoch}, step {self.global_step}: loss {float(self._last_loss):.4g}, "
+            f"{len(bad)} gradient(s) with NaN/Inf ({', '.join(bad[:2])}); the step was not applied. "
+            f"Lower the learning rate (--lr, now {self.config.lr:g})"
+        )
 
     def validation_step(self, batch: list[Case], batch_index: int) -> None:
         predictor = Predictor(self.model, batch_size=self.config.batch_size, device=self.device, precision="32")
@@ -106,10 +105,11 @@ class SegmentationModule(L.LightningModule):
 
     # Small checkpoints: only trained tensors, plus the base fingerprint to catch a wrong base on resume.
     def on_save_checkpoint(self, checkpoint: dict) -> None:
-        bad = non_finite(self.model.trained_state_dict())
+        trained_tensors = self.model.trained_state_dict()
+        bad = non_finite(trained_tensors)
         if bad:  # never a NaN best.ckpt or last.ckpt (e.g. BatchNorm statistics of non-finite activations)
             raise TrainingDiverged(f"training diverged by epoch {self.current_epoch}: {len(bad)} trained tensor(s) hold NaN/Inf ({', '.join(bad[:2])}); lower the learning rate (--lr)")
-        trained = {f"model.{name}" for name in self.model.trained_state_dict()}
+        trained = {f"model.{name}" for name in trained_tensors}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trained or not k.startswith("model.")}
         checkpoint["biosam2_base_fingerprint"] = self.model.base_fingerprint()
 

@@ -22,6 +22,7 @@ import contextlib
 import errno
 import json
 import logging
+import math
 import time
 import warnings
 from dataclasses import dataclass, replace
@@ -35,7 +36,15 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressB
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from biosam2.atomic_io import LOCK_FILE, DirectoryLocked, atomic_output, disk_full, atomic_write_json, atomic_write_text, directory_lock
+from biosam2.atomic_io import (
+    LOCK_FILE,
+    DirectoryLocked,
+    atomic_output,
+    atomic_write_json,
+    atomic_write_text,
+    directory_lock,
+    disk_full,
+)
 from biosam2.data.cases import Case, load_case, resolve_normalization
 from biosam2.data.dataset_format import CaseFiles, DatasetSpec, load_dataset_spec
 from biosam2.data.image_io import IMAGE_2D_ENDINGS, write_like
@@ -116,8 +125,6 @@ class StretchedSchedule(Callback):
     """
 
     def on_train_start(self, trainer: L.Trainer, module: L.LightningModule) -> None:
-        import math
-
         total = max(1, int(trainer.estimated_stepping_batches))
         for entry in trainer.lr_scheduler_configs:
             schedule = entry.scheduler
@@ -283,8 +290,9 @@ def _train(data, run: Path, config: TrainConfig, *, resume: bool, progress_bar: 
         # Only the first process may judge: DDP's re-launched ranks see the run that rank 0 just began.
         raise ConfigError(f"{run}: already holds a run; use --resume to continue it, or another --out")
 
-    # Everything that can fail on bad input happens before the run directory exists; the SAM2 weights
-    # first, so that a missing download is reported before any data is read.
+    # Everything that can fail on bad input happens before the run's files are written (a refused new
+    # run leaves no directory: see train()); the SAM2 weights first, so that a missing download is
+    # reported before any data is read.
     source = prepare_weights(config.size, config.weights)
     if source.kind in ("directory", "official") and not source.reference.startswith("hf://"):
         config = replace(config, weights=source.reference)  # saved as an absolute path: resumable from anywhere
