@@ -46,6 +46,27 @@ def atomic_output(path: str | Path, suffix: str = "") -> Iterator[Path]:
         raise
 
 
+@contextlib.contextmanager
+def atomic_output_with_data_files(path: str | Path) -> Iterator[Path]:
+    """Like :func:`atomic_output`, for writers that make a header and data files beside it (MetaImage
+    ``.mhd`` + ``.zraw``, detached NRRD ``.nhdr`` + ``.raw.gz``): the header names its data file, so
+    both are written under their final names in a private staging folder beside ``path``. On success
+    the data files are moved in first and the header last, so no header ever points to a temporary
+    name (copies such as ``cp OUT/*`` stay readable, ``--overwrite`` replaces the pair)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    folder = make_staging_dir(path.parent, path.name)
+    try:
+        yield folder / path.name
+        _flush_directory(folder)
+        for produced in sorted(folder.iterdir()):
+            if produced.name != path.name:
+                os.replace(produced, path.parent / produced.name)
+        os.replace(folder / path.name, path)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     with atomic_output(path) as temporary, open(temporary, "wb") as stream:
         stream.write(data)

@@ -142,6 +142,31 @@ def test_grey_z_stack_is_a_volume_predicted_page_by_page(pages, separate_series,
         assert len(result.pages) == pages and result.series[0].shape == (pages, 24, 40)
 
 
+@pytest.mark.parametrize("ending,data_file", [(".mhd", "case.zraw"), (".nhdr", "case.raw.gz")])
+def test_header_and_data_file_results_are_written_under_their_final_names(ending, data_file, model_folder, tmp_path):
+    """A .mhd/.nhdr header names its data file: the pair is written as case.mhd + case.zraw (never a
+    hidden temporary data name), --overwrite leaves no orphan, and a plain copy of OUT reads."""
+    import SimpleITK as sitk
+
+    from biosam2.data.image_io import read_label
+
+    volume = sitk.GetImageFromArray(np.random.default_rng(0).integers(0, 256, (3, 24, 40), dtype=np.uint8))
+    volume.SetSpacing((0.8, 0.8, 2.5))
+    (tmp_path / "in").mkdir()
+    sitk.WriteImage(volume, str(tmp_path / "in" / f"case{ending}"))
+    run = make_run(model_folder, tmp_path, GREY)
+    out = tmp_path / "out"
+    assert predict(run, tmp_path / "in", out) == 0
+    assert predict(run, tmp_path / "in", out, "--overwrite") == 0
+    assert names(out) == sorted([f"case{ending}", data_file])
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for file in out.iterdir():
+        shutil.copy(file, copy / file.name)
+    result = read_label(copy / f"case{ending}")
+    assert result.array.shape == (40, 24, 3) and result.spacing == pytest.approx((0.8, 0.8, 2.5))
+
+
 @pytest.mark.parametrize("planar", [False, True])
 def test_rgb_tiff_is_still_one_colour_image(planar, tmp_path):
     import tifffile

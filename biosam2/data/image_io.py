@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from biosam2.atomic_io import atomic_output
+from biosam2.atomic_io import atomic_output, atomic_output_with_data_files
 from biosam2.errors import DataError
 
 IMAGE_2D_ENDINGS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -30,6 +30,8 @@ NIFTI_ENDINGS = (".nii.gz", ".nii")
 SITK_ENDINGS = (".nrrd", ".nhdr", ".mha", ".mhd")
 VOLUME_ENDINGS = NIFTI_ENDINGS + SITK_ENDINGS
 TIFF_ENDINGS = (".tif", ".tiff")
+# The NIfTI description (80 bytes at most) of volumes written with a stand-in 1 mm spacing.
+UNKNOWN_SPACING = "biosam2: voxel spacing unknown, written as 1 mm (distances in voxels)"
 TIFF_STACK = "tiff-stack"  # LoadedImage.reference of a multi-page TIFF read as a volume
 
 
@@ -54,6 +56,7 @@ class LoadedImage:
     spacing: tuple[float, ...]
     affine: np.ndarray | None = None  # 3-D only
     reference: Any = field(default=None, repr=False)  # nibabel header or SimpleITK image, for writing
+    spacing_known: bool = True  # False: a NIfTI written with a 1 mm stand-in (see UNKNOWN_SPACING)
 
     @property
     def is_volume(self) -> bool:
@@ -201,7 +204,9 @@ def _read_nifti(path: Path) -> LoadedImage:
     # A 2-D NIfTI (X, Y) is a volume of one slice; its header has two zooms, the slice axis gets 1 mm.
     zooms = [float(z) for z in image.header.get_zooms()[:3]]
     spacing = tuple(zooms + [1.0] * (3 - len(zooms)))
-    return LoadedImage(np.ascontiguousarray(array), path, spacing, np.asarray(image.affine, dtype=np.float64), image.header)
+    header = image.header
+    spacing_known = bytes(header["descrip"]).rstrip(b"\0").decode("latin-1") != UNKNOWN_SPACING
+    return LoadedImage(np.ascontiguousarray(array), path, spacing, np.asarray(image.affine, dtype=np.float64), header, spacing_known)
 
 
 def _read_sitk(path: Path) -> LoadedImage:
@@ -316,7 +321,9 @@ def write_like(path: str | Path, array: np.ndarray, reference: LoadedImage) -> N
             image.CopyInformation(reference.reference)
         else:
             image.SetSpacing(reference.spacing)
-        with atomic_output(path, suffix=ending) as temporary:
+        # .mhd/.nhdr headers name their data file: write the pair under the final names.
+        detached = ending in (".mhd", ".nhdr")
+        with (atomic_output_with_data_files(path) if detached else atomic_output(path, suffix=ending)) as temporary:
             sitk.WriteImage(image, str(temporary), useCompression=True)
     elif ending in TIFF_ENDINGS:  # a z-stack's result: one page per slice, as the input
         import tifffile
@@ -327,11 +334,19 @@ def write_like(path: str | Path, array: np.ndarray, reference: LoadedImage) -> N
         raise DataError(f"{path}: volumes are written as {', '.join(VOLUME_ENDINGS + TIFF_ENDINGS)}")
 
 
-def write_volume(path: str | Path, array: np.ndarray, affine: np.ndarray) -> None:
-    """A new NIfTI volume (converters use this; results use :func:`write_like`)."""
+def write_volume(path: str | Path, array: np.ndarray, affine: np.ndarray, *, spacing_known: bool = True) -> None:
+    """A new NIfTI volume (converters use this; results use :func:`write_like`). With ``spacing_known``
+    False (a source that stores no spacing, written with a 1 mm stand-in) the file says so itself:
+    spatial unit "unknown" and :data:`UNKNOWN_SPACING` as its description, which predictions copy, so
+    that `evaluate` reports HD95 in voxels even for files copied away from their dataset.json."""
     import nibabel as nib
 
     image = nib.Nifti1Image(np.asarray(array), np.asarray(affine, dtype=np.float64))
+    if spacing_known:
+        image.header.set_xyzt_units(xyz="mm")
+    else:
+        image.header.set_xyzt_units(xyz="unknown")
+        image.header["descrip"] = UNKNOWN_SPACING.encode("latin-1")
     image.set_qform(affine, code=1)
     image.set_sform(affine, code=1)
     with atomic_output(path, suffix=".nii.gz") as temporary:
