@@ -5,6 +5,7 @@ TransUNet npz/h5, raw BTCV NIfTI)."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import h5py
@@ -19,6 +20,7 @@ from biosam2.data.convert.common import seeded_partition
 from biosam2.data.convert.kvasir_seg import pair_images_and_masks
 from biosam2.data.dataset_format import SPLITS_JSON, DatasetSpec, load_dataset_spec
 from biosam2.data.normalization import Normalization
+from biosam2.evaluation.evaluate import evaluate_folders
 from biosam2.errors import ConfigError, DataError
 from conftest import SHARED_DATA, require_shared
 
@@ -178,6 +180,10 @@ def test_acdc_h5_real_rebuilds_volumes(tmp_path):
     written = nib.load(tmp_path / "acdc/labelsTr" / f"{case}.nii.gz")
     assert np.array_equal(np.asarray(written.dataobj), stacked) and len(slices) == stacked.shape[-1] >= 6
     assert np.allclose(written.affine, np.eye(4))
+    # the files themselves say the spacing is a stand-in: copied away from dataset.json, HD95 is in voxels
+    copied = tmp_path / "copied_labels"
+    shutil.copytree(tmp_path / "acdc" / "labelsTr", copied)
+    assert evaluate_folders(copied, copied).hd95_unit == "voxels"
     # a test volume (Z, H, W) is written (H, W, Z), image and label alike
     test_case = spec.list_cases("test")[0]
     with h5py.File(src / "data" / f"{test_case.case_id}.h5", "r") as stored:

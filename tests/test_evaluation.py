@@ -299,6 +299,24 @@ def test_evaluate_nifti_folders_in_millimetres(tmp_path):
     assert in_voxels.hd95_unit == "voxels" and in_voxels.hd95_mean["organ"] == pytest.approx(1.0)
 
 
+def test_stand_in_spacing_recorded_in_the_files_gives_voxels_without_a_dataset_json(tmp_path):
+    """A converted volume whose source stored no spacing says so in its own header, and a prediction
+    written on its grid copies that: copied away from dataset.json, HD95 is still reported in voxels."""
+    from biosam2.data.image_io import read_image, write_like
+
+    truth = square((12, 12, 8), (2, 10), (2, 10), (2, 5))
+    write_volume(tmp_path / "gt" / "case_1.nii.gz", truth, np.eye(4), spacing_known=False)
+    reference = read_image(tmp_path / "gt" / "case_1.nii.gz")
+    assert not reference.spacing_known
+    write_like(tmp_path / "pred" / "case_1.nii.gz", square((12, 12, 8), (2, 10), (2, 10), (3, 6)), reference)
+    assert not read_image(tmp_path / "pred" / "case_1.nii.gz").spacing_known
+    result = evaluate_folders(tmp_path / "pred", tmp_path / "gt", labels={"background": 0, "organ": 1})
+    assert result.hd95_unit == "voxels" and result.hd95_mean["organ"] == pytest.approx(1.0)
+    # the same files written with their spacing known are in mm
+    write_volume(tmp_path / "gt" / "case_1.nii.gz", truth, np.eye(4))
+    assert evaluate_folders(tmp_path / "pred", tmp_path / "gt", labels={"background": 0, "organ": 1}).hd95_unit == "mm"
+
+
 def test_classes_are_inferred_without_labels_or_dataset_json(tmp_path):
     truth = square((10, 10), (2, 6), (2, 6), value=2)
     write_label_png(tmp_path / "gt" / "a.png", truth)

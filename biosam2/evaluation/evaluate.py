@@ -88,8 +88,9 @@ def evaluate_folders(
     """Score every ground-truth case against the prediction of the same case id.
 
     ``labels`` (name -> id) or ``dataset`` (a folder with dataset.json) name the classes; see the
-    module docstring for the fallbacks. HD95 is in mm for volumes unless ``spacing_known`` is False
-    or the dataset.json says ``"spacing": "unknown"`` (stand-in 1 mm voxels): then in voxels.
+    module docstring for the fallbacks. HD95 is in mm for volumes unless ``spacing_known`` is False,
+    the dataset.json says ``"spacing": "unknown"`` or the ground-truth file itself does (a converted
+    volume with a stand-in 1 mm spacing, :data:`~biosam2.data.image_io.UNKNOWN_SPACING`): then in voxels.
     Raises :class:`DataError` naming the file(s) on a missing prediction, a geometry mismatch, or a
     label value outside the classes.
     """
@@ -135,7 +136,7 @@ def evaluate_folders(
         _check_values(prediction, len(class_names), "prediction")
         try:
             evaluator.add_case(
-                case_id, prediction.array, truth.array, spacing=truth.spacing if truth.is_volume and spacing_known else None
+                case_id, prediction.array, truth.array, spacing=truth.spacing if truth.is_volume and spacing_known and truth.spacing_known else None
             )
         except ValueError as error:
             raise DataError(f"{prediction.path} and {truth.path}: {error}") from None

@@ -235,7 +235,7 @@ class CaseData:
         return self.affine is not None or self.reference is not None
 
 
-def _write_case(root: Path, folder_key: str, case_id: str, case: CaseData, file_ending: str) -> None:
+def _write_case(root: Path, folder_key: str, case_id: str, case: CaseData, file_ending: str, spacing_known: bool) -> None:
     images, labels = (root / f for f in SPLIT_FOLDERS[folder_key])
     spatial = case.image.shape[:3] if case.is_volume else case.image.shape[:2]
     if spatial != case.label.shape:
@@ -248,8 +248,8 @@ def _write_case(root: Path, folder_key: str, case_id: str, case: CaseData, file_
         write_like(image_path, case.image, case.reference)
         write_like(label_path, label, case.reference)
     elif case.affine is not None:
-        write_volume(image_path, case.image, case.affine)
-        write_volume(label_path, label, case.affine)
+        write_volume(image_path, case.image, case.affine, spacing_known=spacing_known)
+        write_volume(label_path, label, case.affine, spacing_known=spacing_known)
     else:
         write_image_png(image_path, case.image)
         write_label_png(label_path, label)
@@ -293,7 +293,7 @@ def write_dataset(
             split_name, case_id = job
             log.info("%s: writing %s case %s", info.name, split_name, case_id)
             folder_key = "test" if split_name == "test" else "train"
-            _write_case(root, folder_key, case_id, load_case(case_id), info.file_ending)
+            _write_case(root, folder_key, case_id, load_case(case_id), info.file_ending, info.spacing_known)
 
         # decoding and compressing images release the GIL: threads give most of a multi-core speed-up
         pool = ThreadPoolExecutor(max_workers=min(MAX_WORKERS, os.cpu_count() or 1))
