@@ -144,6 +144,13 @@ def _jpeg_dataset(data: Path) -> None:
     (data / "dataset.json").write_text(json.dumps({**spec, "file_ending": ".jpg"}))
 
 
+def _set(**keys):
+    def mutate(data: Path) -> None:
+        spec = json.loads((data / "dataset.json").read_text())
+        (data / "dataset.json").write_text(json.dumps({**spec, **keys}))
+    return mutate
+
+
 def _labels(**extra):
     def mutate(data: Path) -> None:
         spec = json.loads((data / "dataset.json").read_text())
@@ -166,6 +173,10 @@ DATASET_DEFECTS = {
     "16-bit image in an 8-bit dataset": (_sixteen_bit, ("syn_001_0000.png", "uint16", "8-bit")),
     "missing dataset.json": (lambda d: (d / "dataset.json").unlink(), ("dataset.json: missing",)),
     "dataset.json missing keys": (_missing_keys, ("dataset.json", "missing key(s) channel_names, file_ending")),
+    "four input channels (BraTS-style)": (
+        _set(channel_names={"0": "T1", "1": "T1ce", "2": "T2", "3": "FLAIR"}),
+        ("dataset.json", "lists 4 (T1, T1ce, T2, FLAIR)", "Keep 1 or 3 of them"),
+    ),
     "case id with a space": (
         lambda d: [(d / sub / f"syn_003{end}").rename(d / sub / f"syn 003{end}") for sub, end in (("imagesTr", "_0000.png"), ("labelsTr", ".png"))],
         ("syn 003_0000.png", "'syn 003' is not a plain file name"),

@@ -204,7 +204,13 @@ def load_dataset_spec(root: str | Path) -> DatasetSpec:
         raw=raw,
     )
     if spec.num_channel_files not in (1, 3) and len(channel_names) not in (1, 3):
-        raise DataError(f"{path}: biosam2 takes 1 (grey) or 3 (colour) input channels; dataset.json lists {len(channel_names)}")
+        # SAM2's frozen encoder takes three channels: one channel is repeated, three are taken as they are.
+        # Other counts would need a learned projection in front of it, which biosam2 does not have.
+        raise DataError(
+            f"{path}: biosam2 takes 1 (grey) or 3 (colour, or three modalities) input channels; dataset.json lists "
+            f"{len(channel_names)} ({', '.join(map(str, channel_names.values()))}). Keep 1 or 3 of them: list those in "
+            "channel_names and renumber their files _0000, _0001, _0002 (e.g. BraTS: T1ce, T2, FLAIR)"
+        )
     return spec
 
 
