@@ -144,9 +144,9 @@ def test_prediction_precision_choices():
     model = biosam2.build_model("tiny", weights="random", num_classes=2, adapter="lw")
     assert Predictor(model, device="cpu").autocast_dtype is None  # default on the CPU: fp32, as before
     assert Predictor(model, device="cpu", precision="bf16-mixed").autocast_dtype is torch.bfloat16
-    probabilities = Predictor(model, device="cpu", precision="bf16-mixed").probabilities_2d(torch.rand(1, 3, 40, 50))
-    assert probabilities.dtype == torch.float32
-    assert torch.allclose(probabilities.sum(1), torch.ones(1, 40, 50), atol=1e-5)
+    _, probabilities = Predictor(model, device="cpu", precision="bf16-mixed").predict_2d(torch.rand(1, 3, 40, 50), return_probabilities=True)
+    assert probabilities.dtype == np.float32
+    assert np.allclose(probabilities.sum(1), np.ones((1, 40, 50)), atol=1e-5)
     with pytest.raises(ConfigError, match="precision='bf16': choose one of auto, 32, bf16-mixed, 16-mixed"):
         Predictor(model, device="cpu", precision="bf16")
     # The capability probe is real autocast: torch turns CPU autocast off (with a warning) for float64.

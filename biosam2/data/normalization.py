@@ -48,22 +48,33 @@ class Normalization:
         ``zscore`` and ``percentile`` take each channel's own statistics, as nnU-Net does: T1, T2 and
         FLAIR of one case have unrelated intensity ranges. ``uint8`` and ``ct`` are fixed maps.
         """
-        array = np.asarray(array, dtype=np.float32)
+        # One float32 copy, normalised in place: a huge image costs one image-sized float array, not three.
+        array = np.array(array, dtype=np.float32, order="C")
         if self.scheme == "uint8":
-            return array / 255.0
-        if self.scheme == "ct":
+            array /= 255.0
+        elif self.scheme == "ct":
             low, high = self.window
-            return (np.clip(array, low, high) - low) / (high - low)
-        return np.stack([self._per_channel(channel) for channel in array]).astype(np.float32, copy=False)
+            np.clip(array, low, high, out=array)
+            array -= low
+            array /= high - low
+        else:
+            for channel in array:
+                self._per_channel(channel)
+        return array
 
-    def _per_channel(self, channel: np.ndarray) -> np.ndarray:
+    def _per_channel(self, channel: np.ndarray) -> None:
         if self.scheme == "zscore":
-            std = float(channel.std())
-            return ((channel - float(channel.mean())) / max(std, 1e-6)) / 6.0 + 0.5
+            mean, std = float(channel.mean()), float(channel.std())
+            channel -= mean
+            channel /= max(std, 1e-6)
+            channel /= 6.0
+            channel += 0.5
+            return
         low, high = np.percentile(channel, [0.5, 99.5])
         if high <= low:  # constant channel
-            return np.zeros_like(channel)
-        return (np.clip(channel, low, high) - low) / (high - low)
+            channel[...] = 0
+            return
+        channel[...] = (np.clip(channel, low, high) - low) / (high - low)
 
     def to_dict(self) -> dict[str, Any]:
         return {"scheme": self.scheme, **({"window": list(self.window)} if self.window else {})}

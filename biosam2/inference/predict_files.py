@@ -189,6 +189,8 @@ def predict_files(
     overwrite: bool = False,
     channel_files: bool | None = None,
     channel_names: dict[str, str] | None = None,
+    max_side: int = 2048,
+    tile_size: int = 1024,
 ) -> list[Path]:
     """Predict every input case and write the results to ``output``; returns the label map paths.
 
@@ -196,6 +198,7 @@ def predict_files(
     ``channel_files``: group nnU-Net channel files (``CASE_0000``, ``CASE_0001``, ...) into one case;
     None (default) does so only for a dataset's images folder (``imagesTs`` beside ``dataset.json``).
     ``channel_names``: the run's (dataset.json's); each input's channels are checked against them.
+    ``max_side``, ``tile_size``: 2-D images with a side above ``max_side`` are predicted in tiles (see Predictor).
     """
     from biosam2.training.plots import write_overlay
 
@@ -208,7 +211,7 @@ def predict_files(
     cases = find_inputs(inputs, channel_files)
     check_output_location(inputs, output)
     input_files = {p.resolve() for case in cases for p in case.files}
-    predictor = Predictor(model, batch_size=batch_size, device=device, precision=precision)
+    predictor = Predictor(model, batch_size=batch_size, device=device, precision=precision, max_side=max_side, tile_size=tile_size)
     # Results go to a staging folder and are published only once every case succeeded. A new OUT
     # appears with one rename (a kill leaves no OUT at all); into an existing OUT files are moved one
     # by one under an INCOMPLETE_MARKER that `evaluate` refuses until the move has finished.
@@ -243,9 +246,11 @@ def predict_files(
 
         def flush() -> None:
             if pending:
-                batch = torch.from_numpy(np.stack([image for _, _, image in pending]))
-                for (case, reference, image), probs in zip(pending, predictor.probabilities_2d(batch).numpy(), strict=True):
-                    finish(case, reference, image, compact_labels(probs.argmax(0)), probs)
+                # one image is not copied into a batch: a huge image is predicted from its only array
+                batch = pending[0][2][None] if len(pending) == 1 else np.stack([image for _, _, image in pending])
+                labels, probs = predictor.predict_2d(batch, return_probabilities=probabilities)
+                for index, (case, reference, image) in enumerate(pending):
+                    finish(case, reference, image, compact_labels(labels[index]), None if probs is None else probs[index])
                 pending.clear()
 
         for case in cases:

@@ -1,12 +1,18 @@
 """Running a trained model over whole images and volumes, at their native resolution.
 
 - 2-D images go through the model whole; images with a side above ``max_side`` (default 2048) are
-  predicted in overlapping tiles blended with Gaussian weights (MONAI's sliding-window inference),
-  which bounds memory whatever the image size.
+  predicted in overlapping tiles blended with Gaussian weights (MONAI's window placement and
+  importance map, as its sliding-window inference), which bounds the model's memory whatever the
+  image size.
 - 3-D volumes are predicted slice by slice (last axis), ``batch_size`` slices at a time.
 - ``precision``: ``"auto"`` (mixed on CUDA: bf16 where supported, else fp16; fp32 elsewhere), ``"32"``,
   ``"bf16-mixed"`` or ``"16-mixed"`` (autocast on the predictor's device, the CPU included).
-  Probabilities are float32 whatever the precision.
+  Probabilities, when asked for, are float32 whatever the precision.
+
+Memory: whole-image arrays are kept to what the result needs. Label maps are uint8 (uint16 above
+256 classes), taken by argmax in row bands (never an int64 map); probabilities are computed only when
+asked for. Tiles are blended into a float16 sum of Gaussian-weighted logits, as nnU-Net v2
+accumulates its sliding-window logits in half precision; the argmax needs no division by the weights.
 """
 
 from __future__ import annotations
@@ -16,7 +22,6 @@ import warnings
 
 import numpy as np
 import torch
-from monai.inferers import sliding_window_inference
 
 from biosam2.errors import ConfigError
 from biosam2.options import PRECISIONS
@@ -51,41 +56,74 @@ class Predictor:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     @torch.no_grad()
-    def probabilities_2d(self, batch: torch.Tensor) -> torch.Tensor:
-        """(B, C, H, W) normalised images -> (B, num_classes, H, W) softmax probabilities (float32, CPU)."""
-        batch = batch.to(self.device, torch.float32)
-        with self._autocast():
-            if max(batch.shape[-2:]) > self.max_side:
-                logits = sliding_window_inference(
-                    batch,
-                    roi_size=(self.tile_size, self.tile_size),
-                    sw_batch_size=1,
-                    predictor=self.model,
-                    overlap=self.tile_overlap,
-                    mode="gaussian",
-                )
-            else:
-                logits = self.model(batch)
-        return torch.softmax(logits.float(), dim=1).cpu()
+    def predict_2d(self, batch: np.ndarray | torch.Tensor, return_probabilities: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
+        """(B, C, H, W) normalised images -> label maps (B, H, W) and, if asked, float32 probabilities
+        (B, num_classes, H, W), both as numpy arrays on the CPU."""
+        batch = torch.as_tensor(batch).to(self.device, torch.float32)
+        if max(batch.shape[-2:]) > self.max_side:
+            scores, weights = self._blended_tiles(batch, return_probabilities)
+        else:
+            with self._autocast():
+                scores, weights = self.model(batch), None
+        if not return_probabilities:
+            return _argmax_labels(scores), None
+        logits = scores.float() if weights is None else scores.float() / weights
+        probabilities = torch.softmax(logits, dim=1)
+        # labels from the probabilities written beside them: a near-tie rounds alike in both
+        return _argmax_labels(probabilities), probabilities.cpu().numpy()
+
+    def _blended_tiles(self, batch: torch.Tensor, with_weights: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Gaussian-weighted sum of the tiles' logits (float16, (B, N, H, W)) and, if asked, the sum of
+        the weights at each pixel ((1, 1, H, W), float32): their ratio is MONAI's blended logits."""
+        from monai.data.utils import compute_importance_map, dense_patch_slices
+
+        height, width = batch.shape[-2:]
+        tile = (min(self.tile_size, height), min(self.tile_size, width))
+        # MONAI's scan interval: a side that fits in one tile is not scanned.
+        step = [t if t == side else max(1, int(t * (1 - self.tile_overlap))) for t, side in zip(tile, (height, width))]
+        weight = compute_importance_map(tile, mode="gaussian", device=self.device)
+        total = weights = None
+        for window in dense_patch_slices((height, width), tile, step):
+            with self._autocast():
+                logits = self.model(batch[(slice(None), slice(None), *window)])
+            if total is None:
+                total = torch.zeros((batch.shape[0], logits.shape[1], height, width), dtype=torch.float16, device=self.device)
+                if with_weights:
+                    weights = torch.zeros((1, 1, height, width), dtype=torch.float32, device=self.device)
+            total[(slice(None), slice(None), *window)] += (logits.float() * weight).half()
+            if weights is not None:
+                weights[(slice(None), slice(None), *window)] += weight
+        return total, weights
 
     @torch.no_grad()
     def predict(self, image: np.ndarray, return_probabilities: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
         """A channels-first image (C, H, W) or volume (C, X, Y, Z) -> label map (and probabilities)."""
         if image.ndim == 3:
-            probabilities = self.probabilities_2d(torch.from_numpy(np.ascontiguousarray(image))[None])[0]
-            labels = probabilities.argmax(0).numpy()
-            return compact_labels(labels), (probabilities.numpy() if return_probabilities else None)
+            labels, probabilities = self.predict_2d(torch.from_numpy(np.ascontiguousarray(image))[None], return_probabilities)
+            return compact_labels(labels[0]), (probabilities[0] if return_probabilities else None)
         slices = torch.from_numpy(np.ascontiguousarray(np.moveaxis(image, -1, 0)))  # (Z, C, X, Y)
-        labels = np.empty(image.shape[1:], dtype=np.int64)
-        probabilities = None
+        labels = probabilities = None
         for start in range(0, slices.shape[0], self.batch_size):
-            chunk = self.probabilities_2d(slices[start : start + self.batch_size])  # (b, N, X, Y)
-            labels[..., start : start + chunk.shape[0]] = np.moveaxis(chunk.argmax(1).numpy(), 0, -1)
+            chunk_labels, chunk = self.predict_2d(slices[start : start + self.batch_size], return_probabilities)  # (b, X, Y)
+            if labels is None:
+                labels = np.empty(image.shape[1:], dtype=chunk_labels.dtype)
+            labels[..., start : start + chunk_labels.shape[0]] = np.moveaxis(chunk_labels, 0, -1)
             if return_probabilities:
                 if probabilities is None:
                     probabilities = np.empty((chunk.shape[1], *image.shape[1:]), dtype=np.float32)
-                probabilities[..., start : start + chunk.shape[0]] = np.moveaxis(chunk.numpy(), 0, -1)
+                probabilities[..., start : start + chunk.shape[0]] = np.moveaxis(chunk, 0, -1)
         return compact_labels(labels), probabilities
+
+
+def _argmax_labels(scores: torch.Tensor, band_pixels: int = 1 << 22) -> np.ndarray:
+    """Class ids (B, H, W) of the highest score, in row bands: torch's argmax gives int64, 8 bytes a
+    pixel, which for a whole 8000x6000 image would be bigger than everything else kept."""
+    batch, classes, height, width = scores.shape
+    labels = np.empty((batch, height, width), dtype=np.uint8 if classes <= 256 else np.uint16)
+    rows = max(1, band_pixels // max(1, batch * width))
+    for top in range(0, height, rows):
+        labels[:, top : top + rows] = scores[:, :, top : top + rows].argmax(1).cpu().numpy()
+    return labels
 
 
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
@@ -123,4 +161,4 @@ def _autocast_works(device: torch.device, dtype: torch.dtype) -> bool:
 
 def compact_labels(labels: np.ndarray) -> np.ndarray:
     """Class ids in the smallest unsigned type that holds them (what label files are written with)."""
-    return labels.astype(np.uint8 if labels.max(initial=0) < 256 else np.uint16)
+    return labels.astype(np.uint8 if labels.max(initial=0) < 256 else np.uint16, copy=False)
