@@ -21,18 +21,26 @@ from biosam2.training.config import TrainConfig
 
 
 class SegmentationLoss(nn.Module):
-    """Cross-entropy (the paper's), optionally plus soft Dice (MONAI), ignoring out-of-image pixels."""
+    """Cross-entropy (the paper's), optionally plus soft Dice (MONAI), over annotated pixels only.
+
+    Pixels labelled IGNORE_INDEX (the dataset's ignore label, padding, rotation corners) add nothing
+    to either term; a batch without any annotated pixel has loss 0.
+    """
 
     def __init__(self, kind: str):
         super().__init__()
-        self.cross_entropy = nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
+        # summed, then divided by the annotated-pixel count below: PyTorch's mean is 0/0 = NaN without any
+        self.cross_entropy = nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum")
+        # MONAI masks the ignored pixels out of both softmax and target; an empty class scores
+        # 1 - smooth/smooth = 0, so an all-ignored crop gives 0 here too
         self.dice = DiceLoss(to_onehot_y=True, softmax=True, ignore_index=IGNORE_INDEX) if kind == "dice_ce" else None
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         # Under bf16/fp16 autocast the logits are half precision and neither CE (not on CPU autocast's
         # float32 list) nor MONAI's soft Dice casts them: their softmax and sums over pixels need float32.
         logits = logits.float()
-        loss = self.cross_entropy(logits, target)
+        annotated = (target != IGNORE_INDEX).sum().clamp(min=1)
+        loss = self.cross_entropy(logits, target) / annotated
         if self.dice is not None:
             loss = loss + self.dice(logits, target[:, None])
         return loss
