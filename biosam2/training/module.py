@@ -12,7 +12,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from biosam2.data.cases import Case
-from biosam2.data.training_data import IGNORE_INDEX
+from biosam2.data.dataset_format import IGNORE_INDEX
 from biosam2.errors import CheckpointError, TrainingDiverged
 from biosam2.evaluation.metrics import iou_from_confusion
 from biosam2.inference.predictor import Predictor
@@ -55,7 +55,7 @@ class SegmentationModule(L.LightningModule):
         self.loss = SegmentationLoss(config.loss)
         # Hard confusion matrix over every pixel of every validation case: the paper's mIoU. With several
         # processes, compute() sums the matrices of all of them first (each validates its own shard).
-        self.val_confusion = MulticlassConfusionMatrix(num_classes=model.num_classes)
+        self.val_confusion = MulticlassConfusionMatrix(num_classes=model.num_classes, ignore_index=IGNORE_INDEX)
         # Checkpoints hold only what is trained; the frozen SAM2 comes from the base weights.
         self.strict_loading = False
 
