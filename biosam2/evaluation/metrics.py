@@ -130,8 +130,10 @@ class Evaluator:
             raise ValueError(f"{len(class_names)} class names given for {num_classes} classes: {class_names}")
         if len(set(class_names)) != len(class_names):
             raise ValueError(f"class names must be unique, got {class_names}")
-        if ignore_label is not None and (isinstance(ignore_label, bool) or not isinstance(ignore_label, int) or ignore_label < num_classes):
-            raise ValueError(f"ignore_label {ignore_label!r} must be an id above the classes 0..{num_classes - 1}")
+        if ignore_label is not None:
+            if isinstance(ignore_label, bool) or not isinstance(ignore_label, (int, np.integer)) or ignore_label < num_classes:
+                raise ValueError(f"ignore_label {ignore_label!r} must be an id above the classes 0..{num_classes - 1}")
+            ignore_label = int(ignore_label)
         self.num_classes = num_classes
         self.class_names = [str(name) for name in class_names]
         self.ignore_label = ignore_label
@@ -317,7 +319,7 @@ class Evaluator:
             hd95_unit=self._unit or "pixels",
             confusion_matrix=self._confusion.compute().cpu().numpy().astype(np.int64),
             cases=list(self._cases),
-            convention=CONVENTION + (IGNORE_CONVENTION.format(label=self.ignore_label) if self.ignore_label is not None else ""),
+            convention=CONVENTION if self.ignore_label is None else CONVENTION + IGNORE_CONVENTION.format(label=self.ignore_label),
             ignore_label=self.ignore_label,
             ignored_pixels=sum(case.ignored_pixels for case in self._cases),
         )

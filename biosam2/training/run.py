@@ -501,5 +501,6 @@ def evaluate_split(predictor: Predictor, spec: DatasetSpec, cases: list[CaseFile
 
 def _headline(result) -> dict[str, Any]:
     payload = result.to_dict()
-    keep = ("miou", "per_class_iou", "mean_foreground_dice", "mean_foreground_hd95", "hd95_unit", "num_cases", "ignore_label", "ignored_pixels")
+    keep = ("miou", "per_class_iou", "mean_foreground_dice", "mean_foreground_hd95", "hd95_unit", "num_cases")
+    keep += ("ignore_label", "ignored_pixels")
     return {k: payload[k] for k in keep if k in payload}
