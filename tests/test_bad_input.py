@@ -161,7 +161,7 @@ def _labels(**extra):
 
 DATASET_DEFECTS = {
     "region labels": (_labels(whole_cell=[1, 2]), ("dataset.json", "'whole_cell'", "region-based training is not supported")),
-    "ignore label": (_labels(ignore=3), ("dataset.json", "\"ignore\" label", "not supported yet")),
+    "ignore label not the highest id": (_labels(ignore=3), ("dataset.json", "\"ignore\": 3 must be the highest label id", "set \"ignore\": 4")),
     "JPEG label maps": (_jpeg_dataset, ("labelsTr", ".jpg: JPEG label maps are not supported", "PNG")),
     "multi-page TIFF in a 2-D dataset": (_tiff_z_stack, ("syn_001_0000.tif", "3-page TIFF z-stack in a 2-D dataset")),
     "truncated PNG": (lambda d: truncate(d / "imagesTr" / "syn_000_0000.png"), ("syn_000_0000.png", "truncated")),

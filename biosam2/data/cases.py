@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from biosam2.data.dataset_format import CaseFiles, DatasetSpec
+from biosam2.data.dataset_format import IGNORE_INDEX, CaseFiles, DatasetSpec
 from biosam2.data.image_io import LoadedImage, read_image, read_label, same_geometry
 from biosam2.data.normalization import Normalization, ct_window_from_foreground, scheme_for
 from biosam2.errors import DataError
@@ -16,7 +16,7 @@ from biosam2.errors import DataError
 class Case:
     case_id: str
     image: np.ndarray  # float32, (C, H, W) or (C, X, Y, Z); C is 1 or 3
-    label: np.ndarray | None  # int64, (H, W) or (X, Y, Z)
+    label: np.ndarray | None  # int64, (H, W) or (X, Y, Z): class ids, IGNORE_INDEX where unannotated
     reference: LoadedImage  # geometry for writing results (its array is a zero-memory placeholder)
 
     @property
@@ -69,6 +69,8 @@ def read_case_image(spec: DatasetSpec, files: CaseFiles) -> tuple[np.ndarray, Lo
 
 
 def read_case_label(spec: DatasetSpec, files: CaseFiles, reference: LoadedImage) -> np.ndarray:
+    """The case's label map, checked against its image and dataset.json: class ids 0..K-1, and
+    IGNORE_INDEX where the file has the dataset's ignore label."""
     if files.label is None:
         raise DataError(f"case {files.case_id}: label map missing (expected {spec.file_ending} in the labels folder)")
     label = read_label(files.label)
@@ -76,13 +78,17 @@ def read_case_label(spec: DatasetSpec, files: CaseFiles, reference: LoadedImage)
     if difference:
         raise DataError(f"{files.label}: label map does not match its image {reference.path}: {difference}")
     values = np.unique(label.array)
-    undeclared = sorted(set(values.tolist()) - set(spec.labels.values()))
+    declared = sorted(spec.declared_labels.values())
+    undeclared = sorted(set(values.tolist()) - set(declared))
     if undeclared:
         raise DataError(
             f"{files.label}: label value(s) {undeclared} are not declared in dataset.json "
-            f"(declared: {sorted(spec.labels.values())}); add them to \"labels\" or fix the label map"
+            f"(declared: {declared}); add them to \"labels\" or fix the label map"
         )
-    return label.array.astype(np.int64)
+    array = label.array.astype(np.int64)
+    if spec.ignore_label is not None:
+        array[array == spec.ignore_label] = IGNORE_INDEX
+    return array
 
 
 def load_case(spec: DatasetSpec, files: CaseFiles, normalization: Normalization, with_label: bool = True) -> Case:

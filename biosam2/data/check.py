@@ -5,7 +5,7 @@ whose size or 3-D geometry differ, label values not declared in dataset.json, im
 count contradicts dataset.json, NaN/Inf intensities, cases missing their label, an empty training or
 validation split, split files naming unknown cases or unsafe paths.
 Warnings (usable, but worth knowing): no test split, files that match no case, a numTraining that
-disagrees with the files, mixed pixel types.
+disagrees with the files, mixed pixel types, a split whose label maps are all ignore label.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from biosam2.data.cases import read_case_image, read_case_label
-from biosam2.data.dataset_format import SPLIT_FOLDERS, DatasetSpec, load_dataset_spec
+from biosam2.data.dataset_format import IGNORE_INDEX, IGNORE_KEY, SPLIT_FOLDERS, DatasetSpec, load_dataset_spec
 from biosam2.errors import DataError
 
 
@@ -56,6 +56,10 @@ def check_dataset(root: str | Path) -> DataReport:
         f"{spec.name}: {spec.num_classes} classes ({', '.join(spec.class_names)}), channels "
         f"{', '.join(spec.channel_names.values())}, files *{spec.file_ending}"
     )
+    if spec.ignore_label is not None:
+        report.facts.append(
+            f"ignore label {spec.ignore_label} (\"{IGNORE_KEY}\"): unannotated pixels, left out of the loss and of every metric"
+        )
     cases = {}
     for split in ("train", "test"):
         try:
@@ -77,6 +81,7 @@ def check_dataset(root: str | Path) -> DataReport:
 
 def _check_cases(spec: DatasetSpec, split: str, cases, report: DataReport) -> None:
     shapes, dtypes, spacings = [], Counter(), []
+    ignored = labelled = 0
     stated = (spec.normalization or {}).get("scheme")
     for files in cases:
         try:
@@ -93,7 +98,9 @@ def _check_cases(spec: DatasetSpec, split: str, cases, report: DataReport) -> No
             report.problems.append(str(error))
             continue
         try:
-            read_case_label(spec, files, reference)
+            label = read_case_label(spec, files, reference)
+            ignored += int(np.count_nonzero(label == IGNORE_INDEX))
+            labelled += label.size
         except DataError as error:
             if files.label is None and split == "test":
                 report.warnings.append(f"test case {files.case_id} has no label map; it will not be evaluated")
@@ -106,6 +113,10 @@ def _check_cases(spec: DatasetSpec, split: str, cases, report: DataReport) -> No
             f"{split}: {len(cases)} cases, sizes {_tuple(sizes.min(0))} to {_tuple(sizes.max(0))}, "
             f"spacing {_tuple(low_spacing)} to {_tuple(high_spacing)}"
         )
+    if spec.ignore_label is not None and labelled:
+        report.facts.append(f"{split}: {ignored / labelled:.1%} of the label pixels are ignore label ({ignored} of {labelled})")
+        if ignored == labelled:
+            report.warnings.append(f"{split}: every label pixel is the ignore label; these cases teach and score nothing")
     if len(dtypes) > 1:
         report.warnings.append(f"{split}: mixed pixel types {dict(dtypes)}; intensities are normalised per scheme")
 

@@ -3,8 +3,9 @@
 ::
 
     DATASET/
-      dataset.json          channel_names, labels (name -> id, 0 = background, consecutive),
-                            file_ending, numTraining; optional "normalization" (see normalization.py),
+      dataset.json          channel_names, labels (name -> id, 0 = background, consecutive; optionally
+                            "ignore": the next id, nnU-Net v2's unannotated pixels), file_ending,
+                            numTraining; optional "normalization" (see normalization.py),
                             optional "spacing": "unknown" when the files' voxel sizes are stand-ins
                             (distances such as HD95 are then reported in voxels, not mm)
       splits_final.json     [{"train": [case, ...], "val": [case, ...]}, ...]: one entry per fold
@@ -34,6 +35,12 @@ SPLITS_JSON = "splits_final.json"
 REQUIRED_KEYS = ("channel_names", "labels", "file_ending")
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 SPLIT_FOLDERS = {"train": ("imagesTr", "labelsTr"), "test": ("imagesTs", "labelsTs")}
+IGNORE_KEY = "ignore"  # nnU-Net v2's ignore label: its pixels are unannotated
+# The one value that marks pixels to leave out of loss and metrics once a label map is loaded for
+# training: the dataset's ignore label, and padding or rotation from outside the image. Training
+# label maps are uint8 (albumentations), so class ids must stay below it.
+IGNORE_INDEX = 255
+MAX_CLASSES = IGNORE_INDEX
 
 
 def check_safe_name(name: Any, source: Path, what: str = "case id") -> str:
@@ -63,9 +70,10 @@ class CaseFiles:
 class DatasetSpec:
     root: Path
     channel_names: dict[str, str]
-    labels: dict[str, int]
+    labels: dict[str, int]  # the classes (the model's outputs), without the ignore label
     file_ending: str
     num_training: int | None = None
+    ignore_label: int | None = None  # id of nnU-Net's "ignore" label (== num_classes), if declared
     name: str = ""
     normalization: dict[str, Any] | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False)
@@ -77,6 +85,11 @@ class DatasetSpec:
     @property
     def class_names(self) -> list[str]:
         return [name for name, _ in sorted(self.labels.items(), key=lambda item: item[1])]
+
+    @property
+    def declared_labels(self) -> dict[str, int]:
+        """``labels`` as dataset.json states them: the classes and, if any, "ignore"."""
+        return {**self.labels, IGNORE_KEY: self.ignore_label} if self.ignore_label is not None else dict(self.labels)
 
     @property
     def spacing_known(self) -> bool:
@@ -167,26 +180,11 @@ def load_dataset_spec(root: str | Path) -> DatasetSpec:
         raise DataError(f"{path}: channel_names must be a non-empty object like {{\"0\": \"CT\"}}")
     if sorted(channel_names, key=int) != [str(i) for i in range(len(channel_names))]:
         raise DataError(f"{path}: channel_names keys must be 0, 1, ...; found {list(channel_names)}")
-    labels = raw["labels"]
-    regions = sorted(k for k, v in labels.items() if isinstance(v, (list, tuple))) if isinstance(labels, dict) else []
-    if regions:
+    labels, ignore_label = split_labels(raw["labels"], path)
+    if len(labels) > MAX_CLASSES:
         raise DataError(
-            f"{path}: labels {', '.join(map(repr, regions))} are nnU-Net regions (lists of ids); region-based "
-            "training is not supported by biosam2: give each class one id (e.g. BraTS: edema, non-enhancing, enhancing)"
-        )
-    if isinstance(labels, dict) and "ignore" in labels:
-        # nnU-Net v2's ignore label (pixels left out of loss and metrics) is not implemented yet: training
-        # it as an ordinary class would be silently wrong.
-        raise DataError(
-            f"{path}: the \"ignore\" label (nnU-Net v2's unannotated pixels) is not supported yet; "
-            "remove it and give those pixels a real class, or train with nnU-Net"
-        )
-    if not isinstance(labels, dict) or not all(isinstance(v, int) and not isinstance(v, bool) for v in labels.values()):
-        raise DataError(f"{path}: labels must map names to integer ids, e.g. {{\"background\": 0, \"tumour\": 1}}")
-    ids = sorted(labels.values())
-    if ids != list(range(len(ids))) or len(ids) < 2:
-        raise DataError(
-            f"{path}: label ids must be consecutive from 0 (background) with at least one class; found {ids}"
+            f"{path}: {len(labels)} classes; biosam2 trains at most {MAX_CLASSES} (ids 0..{MAX_CLASSES - 1}): "
+            f"id {IGNORE_INDEX} marks unannotated pixels in its 8-bit training label maps. Merge classes"
         )
     ending = raw["file_ending"]
     if not isinstance(ending, str) or ending.lower() not in IMAGE_2D_ENDINGS + VOLUME_ENDINGS:
@@ -196,9 +194,10 @@ def load_dataset_spec(root: str | Path) -> DatasetSpec:
     spec = DatasetSpec(
         root=root,
         channel_names={str(k): str(v) for k, v in channel_names.items()},
-        labels=dict(labels),
+        labels=labels,
         file_ending=ending,
         num_training=raw.get("numTraining"),
+        ignore_label=ignore_label,
         name=str(raw.get("name", root.name)),
         normalization=raw.get("normalization"),
         raw=raw,
@@ -212,6 +211,35 @@ def load_dataset_spec(root: str | Path) -> DatasetSpec:
             "channel_names and renumber their files _0000, _0001, _0002 (e.g. BraTS: T1ce, T2, FLAIR)"
         )
     return spec
+
+
+def split_labels(labels: Any, source: Any, error: type[Exception] = DataError) -> tuple[dict[str, int], int | None]:
+    """dataset.json's ``labels`` -> (the classes, the ignore label's id or None), validated.
+
+    Classes: ids 0 (background) .. K-1, consecutive. nnU-Net v2's "ignore" label must be the highest
+    id, and with consecutive classes that is K. Regions (lists of ids) are refused.
+    """
+    regions = sorted(k for k, v in labels.items() if isinstance(v, (list, tuple))) if isinstance(labels, dict) else []
+    if regions:
+        raise error(
+            f"{source}: labels {', '.join(map(repr, regions))} are nnU-Net regions (lists of ids); region-based "
+            "training is not supported by biosam2: give each class one id (e.g. BraTS: edema, non-enhancing, enhancing)"
+        )
+    if not isinstance(labels, dict) or not all(isinstance(v, int) and not isinstance(v, bool) for v in labels.values()):
+        raise error(f"{source}: labels must map names to integer ids, e.g. {{\"background\": 0, \"tumour\": 1}}")
+    classes = {str(name): value for name, value in labels.items() if name != IGNORE_KEY}
+    ids = sorted(classes.values())
+    if ids != list(range(len(ids))) or len(ids) < 2:
+        raise error(
+            f"{source}: label ids must be consecutive from 0 (background) with at least one class; found {ids}"
+        )
+    ignore = labels.get(IGNORE_KEY)
+    if ignore is not None and ignore != len(ids):
+        raise error(
+            f"{source}: \"{IGNORE_KEY}\": {ignore} must be the highest label id, right after the classes "
+            f"0..{len(ids) - 1} (nnU-Net v2's rule): set \"{IGNORE_KEY}\": {len(ids)}"
+        )
+    return classes, ignore
 
 
 def write_dataset_json(

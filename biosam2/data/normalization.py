@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from biosam2.data.dataset_format import IGNORE_INDEX
 from biosam2.errors import DataError
 
 SCHEMES = ("uint8", "ct", "zscore", "percentile")
@@ -102,7 +103,8 @@ def ct_window_from_foreground(images: list[np.ndarray], labels: list[np.ndarray]
     samples = []
     per_case = max(1, max_samples // max(1, len(images)))
     for image, label in zip(images, labels, strict=True):
-        values = np.asarray(image)[np.asarray(label) > 0]
+        label = np.asarray(label)
+        values = np.asarray(image)[(label > 0) & (label != IGNORE_INDEX)]  # unannotated pixels are no foreground
         if values.size > per_case:
             values = rng.choice(values, per_case, replace=False)
         samples.append(values.astype(np.float64))

@@ -19,8 +19,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from biosam2.data.cases import Case
-
-IGNORE_INDEX = 255  # label of pixels that padding or rotation brought in from outside the image
+from biosam2.data.dataset_format import IGNORE_INDEX  # re-exported: padding and rotation fill with it
 
 
 def build_augmentation(patch_size: int, input_mode: str, augment: bool, resize_to: int | None = None) -> A.Compose:
@@ -139,6 +138,8 @@ class SliceDataset(Dataset):
         image = case.image if z is None else case.image[..., z]  # (C, H, W)
         label = case.label if z is None else case.label[..., z]
         self.transform.set_random_seed(sample_seed(self.seed, epoch, index))
+        # uint8 is lossless: class ids are below IGNORE_INDEX (255), which dataset_format enforces.
+        # Masks are resampled nearest-neighbour, so IGNORE_INDEX never blends into a class.
         out = self.transform(image=np.ascontiguousarray(np.moveaxis(image, 0, -1)), mask=label.astype(np.uint8))
         image_out = torch.from_numpy(np.ascontiguousarray(np.moveaxis(out["image"], -1, 0), dtype=np.float32))
         return image_out, torch.from_numpy(out["mask"].astype(np.int64))

@@ -7,7 +7,8 @@ result as ignored. Each pair must lie on the same grid (size, and for volumes sp
 orientation); HD95 is in mm for volumes (the ground truth's voxel spacing) and in pixels for 2-D
 images. Classes come from ``labels``, else from ``dataset``'s dataset.json, else from a
 dataset.json in the ground-truth folder's parent (the nnU-Net layout ``DATASET/labelsTs``), else
-they are inferred as 0..the largest label present in either folder.
+they are inferred as 0..the largest label present in either folder. Where the labels declare
+nnU-Net's ``"ignore"`` label, ground-truth pixels with it are left out of every metric.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from biosam2.atomic_io import INCOMPLETE_MARKER
-from biosam2.data.dataset_format import DATASET_JSON, DatasetSpec, load_dataset_spec
+from biosam2.data.dataset_format import DATASET_JSON, DatasetSpec, load_dataset_spec, split_labels
 from biosam2.data.image_io import IMAGE_2D_ENDINGS, VOLUME_ENDINGS, LoadedImage, file_ending, read_label, same_geometry
 from biosam2.errors import ConfigError, DataError
 from biosam2.evaluation.metrics import Evaluator
@@ -50,14 +51,6 @@ def _names(case_ids: list[str]) -> str:
     return shown + (f" and {len(case_ids) - _LISTED} more" if len(case_ids) > _LISTED else "")
 
 
-def _class_names_from(labels: dict[str, int]) -> list[str]:
-    """Names in id order; ids must be 0..C-1, as in dataset.json."""
-    ids = sorted(labels.values())
-    if ids != list(range(len(ids))) or len(ids) < 2:
-        raise ConfigError(f"labels {labels}: ids must be consecutive from 0 (background) with at least one class")
-    return [name for name, _ in sorted(labels.items(), key=lambda item: item[1])]
-
-
 def _dataset_spec(dataset: Path | None, ground_truth: Path) -> DatasetSpec | None:
     """The dataset given, or the one the ground-truth folder sits in (DATA/labelsTs), if any."""
     if dataset is not None:
@@ -67,13 +60,17 @@ def _dataset_spec(dataset: Path | None, ground_truth: Path) -> DatasetSpec | Non
     return None
 
 
-def _check_values(loaded: LoadedImage, num_classes: int, source: str) -> None:
+def _check_values(loaded: LoadedImage, num_classes: int, source: str, ignore_label: int | None = None) -> None:
     high = int(loaded.array.max())
     if high >= num_classes:
         outside = np.unique(loaded.array[loaded.array >= num_classes])
+        outside = outside[outside != ignore_label] if ignore_label is not None else outside
+        if not outside.size:
+            return
         shown = ", ".join(str(int(v)) for v in outside[:_LISTED])
         raise DataError(
             f"{loaded.path}: {source} has label value(s) {shown} outside the {num_classes} classes 0..{num_classes - 1}"
+            + (f" (and the ignore label {ignore_label} in the ground truth)" if ignore_label is not None else "")
         )
 
 
@@ -87,10 +84,11 @@ def evaluate_folders(
 ) -> EvaluationResult:
     """Score every ground-truth case against the prediction of the same case id.
 
-    ``labels`` (name -> id) or ``dataset`` (a folder with dataset.json) name the classes; see the
-    module docstring for the fallbacks. HD95 is in mm for volumes unless ``spacing_known`` is False,
-    the dataset.json says ``"spacing": "unknown"`` or the ground-truth file itself does (a converted
-    volume with a stand-in 1 mm spacing, :data:`~biosam2.data.image_io.UNKNOWN_SPACING`): then in voxels.
+    ``labels`` (name -> id, as in dataset.json, "ignore" included) or ``dataset`` (a folder with
+    dataset.json) name the classes and the ignore label; see the module docstring for the fallbacks.
+    HD95 is in mm for volumes unless ``spacing_known`` is False, the dataset.json says
+    ``"spacing": "unknown"`` or the ground-truth file itself does (a converted volume with a stand-in
+    1 mm spacing, :data:`~biosam2.data.image_io.UNKNOWN_SPACING`): then in voxels.
     Raises :class:`DataError` naming the file(s) on a missing prediction, a geometry mismatch, or a
     label value outside the classes.
     """
@@ -114,7 +112,14 @@ def evaluate_folders(
     ignored = sorted(set(pred_files) - set(gt_files))
 
     spec = _dataset_spec(Path(dataset) if dataset is not None else None, ground_truth)
-    class_names = _class_names_from(labels) if labels is not None else (spec.class_names if spec else None)
+    ignore_label = None
+    if labels is not None:
+        classes, ignore_label = split_labels(labels, f"labels {labels}", error=ConfigError)
+        class_names = [name for name, _ in sorted(classes.items(), key=lambda item: item[1])]
+    elif spec is not None:
+        class_names, ignore_label = spec.class_names, spec.ignore_label
+    else:
+        class_names = None
     if spacing_known is None:
         spacing_known = spec.spacing_known if spec else True
     if class_names is None:
@@ -123,7 +128,7 @@ def evaluate_folders(
         highest = max(int(read_label(path).array.max()) for path in paths)
         class_names = ["background"] + [f"class_{i}" for i in range(1, max(highest, 1) + 1)]
 
-    evaluator = Evaluator(len(class_names), class_names)
+    evaluator = Evaluator(len(class_names), class_names, ignore_label=ignore_label)
     for case_id in sorted(gt_files):
         truth, prediction = read_label(gt_files[case_id]), read_label(pred_files[case_id])
         difference = same_geometry(prediction, truth)
@@ -132,8 +137,8 @@ def evaluate_folders(
                 f"{prediction.path} and {truth.path}: different geometry ({difference}); a prediction "
                 "must be on the grid of its ground truth"
             )
-        _check_values(truth, len(class_names), "ground truth")
-        _check_values(prediction, len(class_names), "prediction")
+        _check_values(truth, len(class_names), "ground truth", ignore_label)
+        _check_values(prediction, len(class_names), "prediction")  # a model never predicts the ignore label
         try:
             evaluator.add_case(
                 case_id, prediction.array, truth.array, spacing=truth.spacing if truth.is_volume and spacing_known and truth.spacing_known else None

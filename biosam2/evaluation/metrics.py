@@ -24,6 +24,10 @@ Conventions (quoted in the README and written into every report):
 - **Foreground means.** Mean foreground Dice/HD95 is the mean of the per-class means over classes
   1..C-1; its standard deviation is taken over cases, of each case's mean over its defined
   foreground classes.
+- **Ignore label** (nnU-Net v2's ``"ignore"``, optional). Pixels/voxels whose ground truth is the
+  ignore label are unannotated: they are removed from both the prediction and the ground truth
+  before any metric (confusion matrix, Dice, HD95 boundaries), as nnU-Net's evaluation does. The
+  report records the label and how many pixels/voxels it removed.
 """
 
 from __future__ import annotations
@@ -53,6 +57,10 @@ CONVENTION = (
     "(sqrt(sum((size_i * spacing_i)^2)), larger than any distance inside the case). "
     "Foreground mean = mean of the per-class means over classes 1..C-1; its std is over cases, of each "
     "case's mean over its defined foreground classes."
+)
+IGNORE_CONVENTION = (
+    " Pixels/voxels whose ground truth is the ignore label ({label}) are unannotated: they are removed from "
+    "prediction and ground truth before every metric (confusion matrix, Dice, HD95 boundaries)."
 )
 
 # Pixels/voxels passed to the confusion matrix at once: bounds the int64 temporaries
@@ -113,7 +121,7 @@ class Evaluator:
     that both report exactly the same numbers. Class 0 is the background.
     """
 
-    def __init__(self, num_classes: int, class_names: list[str] | None = None) -> None:
+    def __init__(self, num_classes: int, class_names: list[str] | None = None, *, ignore_label: int | None = None) -> None:
         if num_classes < 2:
             raise ValueError(f"num_classes must be at least 2 (background and one class), got {num_classes}")
         if class_names is None:
@@ -122,11 +130,19 @@ class Evaluator:
             raise ValueError(f"{len(class_names)} class names given for {num_classes} classes: {class_names}")
         if len(set(class_names)) != len(class_names):
             raise ValueError(f"class names must be unique, got {class_names}")
+        if ignore_label is not None:
+            if isinstance(ignore_label, bool) or not isinstance(ignore_label, (int, np.integer)) or ignore_label < num_classes:
+                raise ValueError(f"ignore_label {ignore_label!r} must be an id above the classes 0..{num_classes - 1}")
+            ignore_label = int(ignore_label)
         self.num_classes = num_classes
         self.class_names = [str(name) for name in class_names]
+        self.ignore_label = ignore_label
         # The evaluator sees every case itself: never sum with other processes (in a multi-GPU run,
-        # rank 0 evaluates alone after training, when the others have already left).
-        self._confusion = MulticlassConfusionMatrix(num_classes=num_classes, validate_args=False, sync_on_compute=False)
+        # rank 0 evaluates alone after training, when the others have already left). Ground-truth
+        # pixels of the ignore label are dropped by torchmetrics before counting.
+        self._confusion = MulticlassConfusionMatrix(
+            num_classes=num_classes, ignore_index=ignore_label, validate_args=False, sync_on_compute=False
+        )
         self._cases: list[CaseResult] = []
         self._unit: str | None = None
 
@@ -150,8 +166,9 @@ class Evaluator:
         """Score one case and add it to the whole-set confusion matrix.
 
         ``prediction`` and ``ground_truth`` are integer label maps of equal shape, 2-D ``(H, W)`` or
-        3-D (a whole volume). ``spacing`` is the pixel/voxel size in mm per axis, in the arrays' axis
-        order; None means distances in pixels/voxels. Raises ValueError on inconsistent input.
+        3-D (a whole volume); the ground truth may hold the ignore label, the prediction may not.
+        ``spacing`` is the pixel/voxel size in mm per axis, in the arrays' axis order; None means
+        distances in pixels/voxels. Raises ValueError on inconsistent input.
         """
         case_id = str(case_id)
         if any(case.case_id == case_id for case in self._cases):
@@ -164,12 +181,18 @@ class Evaluator:
             raise ValueError(f"case {case_id}: expected a 2-D image or 3-D volume, got shape {tuple(pred.shape)}")
         if pred.numel() == 0:
             raise ValueError(f"case {case_id}: empty label map of shape {tuple(pred.shape)}")
-        for what, tensor in (("prediction", pred), ("ground truth", gt)):
+        gt = gt.to(pred.device)
+        ignored = gt == self.ignore_label if self.ignore_label is not None else None
+        ignored_count = int(ignored.sum()) if ignored is not None else 0
+        for what, tensor in (("prediction", pred), ("ground truth", gt if not ignored_count else gt[~ignored])):
+            if tensor.numel() == 0:
+                continue  # a ground truth that is all ignore label
             low, high = int(tensor.min()), int(tensor.max())
             if low < 0 or high >= self.num_classes:
                 raise ValueError(
                     f"case {case_id}: {what} has label values {low}..{high}, outside the "
                     f"{self.num_classes} classes 0..{self.num_classes - 1}"
+                    + (f" (and the ignore label {self.ignore_label} in the ground truth)" if self.ignore_label is not None else "")
                 )
         if spacing is not None:
             spacing = tuple(float(s) for s in spacing)
@@ -182,15 +205,19 @@ class Evaluator:
                 "give every case a spacing, or none, and do not mix 2-D images with 3-D volumes"
             )
 
-        gt = gt.to(pred.device)
-        confusion = self._accumulate_confusion(pred, gt)
+        confusion = self._accumulate_confusion(pred, gt)  # without the ignored pixels
         gt_count, pred_count, tp = confusion.sum(dim=1), confusion.sum(dim=0), confusion.diagonal()
         union = gt_count + pred_count - tp
         extent = torch.tensor(pred.shape, dtype=torch.float64) * torch.tensor(spacing or (1.0,) * pred.ndim)
         diagonal = float(torch.linalg.vector_norm(extent))
 
+        if ignored_count:
+            # Ignored pixels become one extra class in both maps, which no class's Dice or mask sees.
+            extra = torch.tensor(self.num_classes, dtype=torch.int64, device=pred.device)
+            pred, gt = torch.where(ignored, extra, pred.to(torch.int64)), torch.where(ignored, extra, gt.to(torch.int64))
         dice_all = compute_dice(
-            pred[None, None], gt[None, None], include_background=True, ignore_empty=False, num_classes=self.num_classes
+            pred[None, None], gt[None, None], include_background=True, ignore_empty=False,
+            num_classes=self.num_classes + (1 if ignored_count else 0),
         )[0]
         iou: dict[str, float] = {}
         dice: dict[str, float] = {}
@@ -222,6 +249,7 @@ class Evaluator:
             absent=absent,
             penalised=penalised,
             diagonal_extent=diagonal,
+            ignored_pixels=ignored_count,
         )
         self._cases.append(result)
         self._unit = unit
@@ -291,7 +319,9 @@ class Evaluator:
             hd95_unit=self._unit or "pixels",
             confusion_matrix=self._confusion.compute().cpu().numpy().astype(np.int64),
             cases=list(self._cases),
-            convention=CONVENTION,
+            convention=CONVENTION if self.ignore_label is None else CONVENTION + IGNORE_CONVENTION.format(label=self.ignore_label),
+            ignore_label=self.ignore_label,
+            ignored_pixels=sum(case.ignored_pixels for case in self._cases),
         )
 
 

@@ -53,6 +53,7 @@ class CaseResult:
     absent: list[str]  # classes in neither prediction nor ground truth: excluded from the means
     penalised: list[str]  # classes in exactly one of them: Dice 0, HD95 = diagonal_extent
     diagonal_extent: float  # the HD95 penalty, in the case's HD95 unit
+    ignored_pixels: int = 0  # ground-truth pixels/voxels of the ignore label, left out of every score
 
     def foreground_mean(self, metric: str, foreground: list[str]) -> float:
         """This case's mean of ``metric`` ("dice" or "hd95") over its defined foreground classes (NaN if none)."""
@@ -71,6 +72,7 @@ class CaseResult:
             "absent": list(self.absent),
             "penalised": list(self.penalised),
             "diagonal_extent": self.diagonal_extent,
+            "ignored_pixels": self.ignored_pixels,
         }
 
 
@@ -101,6 +103,8 @@ class EvaluationResult:
     cases: list[CaseResult]
     convention: str
     ignored_predictions: list[str] = field(default_factory=list)
+    ignore_label: int | None = None  # nnU-Net's "ignore" label id, whose pixels were left out
+    ignored_pixels: int = 0  # over all cases
 
     @property
     def num_cases(self) -> int:
@@ -152,6 +156,8 @@ class EvaluationResult:
                 "counts": np.asarray(self.confusion_matrix).astype(np.int64).tolist(),
             },
             "ignored_predictions": list(self.ignored_predictions),
+            "ignore_label": self.ignore_label,
+            "ignored_pixels": self.ignored_pixels,
             "convention": self.convention,
             "cases": [case.to_dict() for case in self.cases],
         }
@@ -185,6 +191,11 @@ class EvaluationResult:
             f"- **Cases**: {self.num_cases}",
             f"- **HD95 unit**: {unit}",
         ]
+        if self.ignore_label is not None:
+            lines.append(
+                f"- **Ignore label** {self.ignore_label}: {self.ignored_pixels} unannotated ground-truth pixels/voxels "
+                "left out of every metric"
+            )
         if self.ignored_predictions:
             lines.append(
                 f"- **Ignored predictions** (no ground truth): {len(self.ignored_predictions)}: "

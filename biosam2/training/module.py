@@ -12,7 +12,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassConfusionMatrix
 
 from biosam2.data.cases import Case
-from biosam2.data.training_data import IGNORE_INDEX
+from biosam2.data.dataset_format import IGNORE_INDEX
 from biosam2.errors import CheckpointError, TrainingDiverged
 from biosam2.evaluation.metrics import iou_from_confusion
 from biosam2.inference.predictor import Predictor
@@ -21,18 +21,26 @@ from biosam2.training.config import TrainConfig
 
 
 class SegmentationLoss(nn.Module):
-    """Cross-entropy (the paper's), optionally plus soft Dice (MONAI), ignoring out-of-image pixels."""
+    """Cross-entropy (the paper's), optionally plus soft Dice (MONAI), over annotated pixels only.
+
+    Pixels labelled IGNORE_INDEX (the dataset's ignore label, padding, rotation corners) add nothing
+    to either term; a batch without any annotated pixel has loss 0.
+    """
 
     def __init__(self, kind: str):
         super().__init__()
-        self.cross_entropy = nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX)
+        # summed, then divided by the annotated-pixel count below: PyTorch's mean is 0/0 = NaN without any
+        self.cross_entropy = nn.CrossEntropyLoss(ignore_index=IGNORE_INDEX, reduction="sum")
+        # MONAI masks the ignored pixels out of both softmax and target; an empty class scores
+        # 1 - smooth/smooth = 0, so an all-ignored crop gives 0 here too
         self.dice = DiceLoss(to_onehot_y=True, softmax=True, ignore_index=IGNORE_INDEX) if kind == "dice_ce" else None
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         # Under bf16/fp16 autocast the logits are half precision and neither CE (not on CPU autocast's
         # float32 list) nor MONAI's soft Dice casts them: their softmax and sums over pixels need float32.
         logits = logits.float()
-        loss = self.cross_entropy(logits, target)
+        annotated = (target != IGNORE_INDEX).sum().clamp(min=1)
+        loss = self.cross_entropy(logits, target) / annotated
         if self.dice is not None:
             loss = loss + self.dice(logits, target[:, None])
         return loss
@@ -47,7 +55,7 @@ class SegmentationModule(L.LightningModule):
         self.loss = SegmentationLoss(config.loss)
         # Hard confusion matrix over every pixel of every validation case: the paper's mIoU. With several
         # processes, compute() sums the matrices of all of them first (each validates its own shard).
-        self.val_confusion = MulticlassConfusionMatrix(num_classes=model.num_classes)
+        self.val_confusion = MulticlassConfusionMatrix(num_classes=model.num_classes, ignore_index=IGNORE_INDEX)
         # Checkpoints hold only what is trained; the frozen SAM2 comes from the base weights.
         self.strict_loading = False
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from biosam2.atomic_io import atomic_output
+from biosam2.data.dataset_format import IGNORE_INDEX
 
 # Distinct colours for up to 12 classes (background transparent), then cycled.
 PALETTE = np.array(
@@ -70,10 +71,14 @@ def to_display(image: np.ndarray) -> np.ndarray:
     return (np.clip((rgb - low) / max(high - low, 1e-6), 0, 1) * 255).astype(np.uint8)
 
 
+def _foreground(labels: np.ndarray) -> np.ndarray:
+    return (labels > 0) & (labels != IGNORE_INDEX)  # unannotated ground-truth pixels are shown uncoloured
+
+
 def colour_overlay(rgb: np.ndarray, labels: np.ndarray, alpha: float = 0.45) -> np.ndarray:
     colours = PALETTE[1:][(labels.astype(np.int64) - 1) % (len(PALETTE) - 1)]
     mixed = rgb.astype(np.float32) * (1 - alpha) + colours.astype(np.float32) * alpha
-    return np.where(labels[..., None] > 0, mixed, rgb).astype(np.uint8)
+    return np.where(_foreground(labels)[..., None], mixed, rgb).astype(np.uint8)
 
 
 def write_overlay(destination: Path, image: np.ndarray, ground_truth: np.ndarray | None, prediction: np.ndarray) -> None:
@@ -82,7 +87,7 @@ def write_overlay(destination: Path, image: np.ndarray, ground_truth: np.ndarray
 
     if image.ndim == 4:  # (C, X, Y, Z): show the most informative slice
         reference = ground_truth if ground_truth is not None else prediction
-        z = int(np.argmax((reference > 0).reshape(-1, reference.shape[-1]).sum(0)))
+        z = int(np.argmax(_foreground(reference).reshape(-1, reference.shape[-1]).sum(0)))
         image, prediction = image[..., z], prediction[..., z]
         ground_truth = ground_truth[..., z] if ground_truth is not None else None
     rgb = to_display(image)

@@ -4,7 +4,7 @@ Run directory::
 
     RUN/
       config.yaml            every option of the run (re-run with --config RUN/config.yaml)
-      run.json               dataset path, fold, split and normalisation actually used
+      run.json               dataset path, classes, ignore label, fold, split and normalisation actually used
       checkpoints/last.ckpt  end of the last finished epoch (resume point); best.ckpt: best val mIoU
       logs/version_N/metrics.csv   per-step and per-epoch metrics, one folder per attempt (resumes add one);
                              TensorBoard events in tensorboard/ if it is installed
@@ -310,7 +310,8 @@ def _train(data, run: Path, config: TrainConfig, *, resume: bool, progress_bar: 
     run_info = {
         "dataset": str(data.resolve()),
         "dataset_name": spec.name,
-        "labels": spec.labels,
+        "labels": spec.labels,  # the model's classes
+        "ignore_label": spec.ignore_label,  # nnU-Net's "ignore" id: no output channel, never predicted
         "channel_names": spec.channel_names,
         "file_ending": spec.file_ending,
         "normalization": normalization.to_dict(),
@@ -388,6 +389,7 @@ def _train(data, run: Path, config: TrainConfig, *, resume: bool, progress_bar: 
         "parameters": count_parameters(model)._asdict(),
         "split": split.note,
         "normalization": normalization.to_dict(),
+        "ignore_label": spec.ignore_label,
     }
     plot_learning_curves(sorted((run / "logs").glob("version_*/metrics.csv"), key=_version_number), run / "curves.png")
     predictor = Predictor(model, batch_size=config.batch_size, precision=config.precision)  # as trained
@@ -491,7 +493,7 @@ def evaluate_split(predictor: Predictor, spec: DatasetSpec, cases: list[CaseFile
         case: Case = load_case(spec, files, normalization, with_label=False)
         labels, _ = predictor.predict(case.image)
         write_like(prediction_path(folder, case.case_id, spec), labels, case.reference)
-    result = evaluate_folders(folder, spec.root / "labelsTs", labels=spec.labels, spacing_known=spec.spacing_known)
+    result = evaluate_folders(folder, spec.root / "labelsTs", labels=spec.declared_labels, spacing_known=spec.spacing_known)
     result.write_json(run / "evaluation.json")
     result.write_markdown(run / "evaluation.md")
     return json.loads(json.dumps(_headline(result)))
@@ -500,4 +502,5 @@ def evaluate_split(predictor: Predictor, spec: DatasetSpec, cases: list[CaseFile
 def _headline(result) -> dict[str, Any]:
     payload = result.to_dict()
     keep = ("miou", "per_class_iou", "mean_foreground_dice", "mean_foreground_hd95", "hd95_unit", "num_cases")
+    keep += ("ignore_label", "ignored_pixels")
     return {k: payload[k] for k in keep if k in payload}
