@@ -293,4 +293,4 @@ def _write_probabilities(output: Path, case: InputCase, reference: LoadedImage, 
         write_like(output / f"{case.name}_probabilities.nii.gz", np.moveaxis(probabilities, 0, -1).astype(np.float32), reference)
     else:
         with atomic_output(output / f"{case.name}_probabilities.npy", suffix=".npy") as temporary:
-            np.save(temporary, probabilities.astype(np.float32))
+            np.save(temporary, probabilities.astype(np.float32, copy=False))
