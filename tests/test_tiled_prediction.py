@@ -56,10 +56,11 @@ def _pixels_seen(seen: list[tuple[int, ...]]) -> int:
 def test_tiled_prediction_equals_whole_image_prediction_for_a_pixelwise_model(shape):
     image = grey_image(shape)
     model = PixelwiseModel()
-    tiled_labels, tiled_probabilities = Predictor(model, max_side=TILE, tile_size=TILE, batch_size=2).predict(image, True)
+    tiled = Predictor(model, max_side=TILE, tile_size=TILE, batch_size=2)
+    tiled_labels, tiled_probabilities = tiled.predict(image, return_probabilities=True)
     tiles = list(model.seen)
     model.seen.clear()
-    whole_labels, whole_probabilities = Predictor(model, max_side=4096).predict(image, True)
+    whole_labels, whole_probabilities = Predictor(model, max_side=4096).predict(image, return_probabilities=True)
 
     assert tiled_labels.shape == whole_labels.shape == shape
     assert tiled_probabilities.shape == whole_probabilities.shape == (3, *shape)
@@ -79,7 +80,7 @@ def test_tiled_prediction_with_sam2_keeps_the_input_shape_and_sees_only_tiles():
     seen = []
     model.register_forward_pre_hook(lambda module, args: seen.append(tuple(args[0].shape)))
     image = np.repeat(grey_image((97, 150)), 3, axis=0)
-    labels, probabilities = Predictor(model, max_side=TILE, tile_size=TILE).predict(image, True)
+    labels, probabilities = Predictor(model, max_side=TILE, tile_size=TILE).predict(image, return_probabilities=True)
 
     assert labels.shape == (97, 150) and probabilities.shape == (3, 97, 150)
     assert labels.max() < 3 and np.array_equal(labels, probabilities.argmax(0))

@@ -144,13 +144,19 @@ def _first_integer_buffer(tensors: dict) -> str:
 
 
 TAMPERED = {
-    "base weights not on this machine": (_base("official", "/nowhere/sam2.1_hiera_tiny.pt"), "no such checkpoint file.*--weights PATH"),
+    "base weights not on this machine": (
+        _base("official", "/nowhere/sam2.1_hiera_tiny.pt"),
+        "no such checkpoint file.*--weights PATH",
+    ),
     "base weights as a relative path": (_base("directory", "../sam2"), "'\\.\\./sam2' is a relative path"),
     "base weights that are no checkpoint": (_not_a_checkpoint, "notes.pt: not a PyTorch checkpoint"),
     "unknown kind of base weights": (_base("ftp", "x"), "'kind' is one of random, hub, directory, official"),
     "no model options": (_edit_description(lambda d: d.pop("model")), "'model' .* is missing"),
     "no base fingerprint": (_edit_description(lambda d: d.pop("base_fingerprint")), "'base_fingerprint' is missing"),
-    "unknown model option": (_edit_description(lambda d: d["model"].update(dropout=0.1)), "unknown model options: dropout"),
+    "unknown model option": (
+        _edit_description(lambda d: d["model"].update(dropout=0.1)),
+        "unknown model options: dropout",
+    ),
     "invalid model option": (_edit_description(lambda d: d["model"].update(num_classes=0)), "num_classes=0"),
     "a tensor missing": (_edit_tensors(lambda t: t.pop("decoder.class_tokens")), "missing 1: decoder.class_tokens"),
     "an extra tensor": (_edit_tensors(lambda t: t.update(extra=torch.zeros(3))), "unexpected 1: extra"),
@@ -212,8 +218,10 @@ def test_predict_names_the_artifacts_base_weights_and_the_way_out(tmp_path, caps
     assert main(["predict", str(tmp_path / "run"), str(tmp_path / "in"), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
-    assert f"{tmp_path / 'run' / 'model' / CONFIG_FILE}: the base SAM2 weights it names" in err and "--weights PATH" in err
-    assert main(["predict", str(tmp_path / "run"), str(tmp_path / "in"), str(tmp_path / "out"), "--weights", str(tmp_path / "moved")]) == 0
+    assert f"{tmp_path / 'run' / 'model' / CONFIG_FILE}: the base SAM2 weights it names" in err
+    assert "--weights PATH" in err
+    predict = ["predict", str(tmp_path / "run"), str(tmp_path / "in"), str(tmp_path / "out")]
+    assert main([*predict, "--weights", str(tmp_path / "moved")]) == 0
     assert (tmp_path / "out" / "a.png").is_file()
 
     marker = tmp_path / "pwned"

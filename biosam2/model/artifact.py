@@ -110,7 +110,9 @@ def _description_problems(description: dict[str, Any]) -> list[str]:
         problems.append(f"'base_weights.reference' {reference!r} does not name the base weights")
     elif base["kind"] in ("directory", "official") and not reference.startswith("hf://") and not Path(reference).is_absolute():
         # save_pretrained records absolute paths: a relative one would mean another file in another folder.
-        problems.append(f"'base_weights.reference' {reference!r} is a relative path, which would depend on the working directory")
+        problems.append(
+            f"'base_weights.reference' {reference!r} is a relative path, which would depend on the working directory"
+        )
     return problems
 
 

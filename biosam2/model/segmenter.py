@@ -149,7 +149,10 @@ class BioSAM2(nn.Module):
             details = "; ".join(
                 f"{label} {len(keys)}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
                 for label, keys in (
-                    ("wrong shape", wrong_shape), ("wrong dtype", wrong_dtype), ("missing", missing), ("unexpected", unexpected)
+                    ("wrong shape", wrong_shape),
+                    ("wrong dtype", wrong_dtype),
+                    ("missing", missing),
+                    ("unexpected", unexpected),
                 )
                 if keys
             )
