@@ -58,7 +58,7 @@ def test_resize_mode_reproduces_sam2s_fixed_square_input(tmp_path):
     Same perturbed random weights on both sides (no tensor at its init value). The FPN features are
     bit-identical; the decoder's logits differ by at most 6e-8 (7e-7 of the largest |logit|, tiny, 2 cores)
     because its inputs reach the two-way transformer in another memory layout (channels-last strides from
-    the FPN), which changes the last bits of the matmuls, not the computation. About 20 s on 2 cores.
+    the FPN), which changes the last bits of the matmuls, not the computation. About 5 s on 2 idle cores.
     """
     from transformers import Sam2ImageProcessor, Sam2Model
 

@@ -82,7 +82,7 @@ def test_a_short_seeded_run_learns_the_synthetic_task(tmp_path):
 
     Measured on 2 cores with seed 0: validation mIoU 0.06 at the start -> 0.35 (cell IoU 0.49); with seeds 1
     and 2, 0.04 -> 0.29 and 0.06 -> 0.28 (cell 0.28, 0.22). Predicting background everywhere scores ~0.2.
-    About 50 s of CPU time. Broken training (no optimiser step) stays at the start and fails here.
+    About 10 s on 2 idle cores. Broken training (no optimiser step) stays at the start and fails here.
     """
     from biosam2.training.plots import epoch_series
 
