@@ -48,3 +48,17 @@ def write_official_checkpoint(size: str, path: Path, *, drop: tuple[str, ...] = 
     }
     torch.save({"model": state}, path)
     return state
+
+
+def perturb_every_tensor(model: torch.nn.Module, seed: int = 0, scale: float = 0.02) -> torch.nn.Module:
+    """Add seeded noise to every parameter and floating-point buffer, in place, so that no tensor sits at
+    its init value (zeros and ones would hide a tensor that is read in the wrong place, or not at all)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+            if not tensor.is_floating_point():
+                continue
+            before = tensor.clone()
+            tensor.add_(scale * torch.randn(tensor.shape, generator=generator, dtype=tensor.dtype))
+            assert not torch.equal(tensor, before), f"{name} kept its init value"
+    return model

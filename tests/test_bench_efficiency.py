@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import statistics
 import time
 
 import pytest
@@ -259,6 +260,35 @@ def test_targets_miss_and_not_evaluated_follow_the_numbers():
     assert results["T2", 512].status == NOT_EVALUATED and results["T3", None].status == NOT_EVALUATED
 
 
+def test_each_target_passes_at_its_threshold_and_misses_just_beyond():
+    """The issue's limits are inclusive (at most +10 %, at least 3x, at least 87 %; T1b strictly faster)."""
+
+    def status(rows, target, size):
+        return _by_target(evaluate_targets(rows))[target, size].status
+
+    def t1(fused_ms, unfused_ms=None):
+        rows = [_row("peg-only", 256, 100.0, 8.0), _row("biosam2-lw-fused", 256, fused_ms, 8.5)]
+        return rows + ([_row("biosam2-lw", 256, unfused_ms, 8.6)] if unfused_ms else [])
+
+    assert status(t1(110.0), "T1a", 256) == PASS  # exactly +10 %
+    assert status(t1(110.2), "T1a", 256) == MISS
+    assert status(t1(90.0), "T1a", 256) == PASS  # faster than PEG-only is fine
+    assert status(t1(105.0, 105.0), "T1b", 256) == MISS  # as fast as unfused is not faster
+    assert status(t1(105.0, 105.1), "T1b", 256) == PASS
+
+    def t2(vanilla_ms):
+        return [_row("biosam2-lw-fused", 512, 100.0, 35.0), _row("vanilla-sam2", 512, vanilla_ms, 140.0, compute=1024)]
+
+    assert status(t2(300.0), "T2", 512) == PASS  # exactly 3x
+    assert status(t2(299.5), "T2", 512) == MISS
+
+    def t3(gmacs):
+        return [_row("biosam2-lw-fused", 512, 100.0, gmacs), _row("sam-vit-b", 1024, 5000.0, 100.0)]
+
+    assert status(t3(13.0), "T3", 512) == PASS  # exactly 87 % fewer
+    assert status(t3(13.1), "T3", 512) == MISS
+
+
 def test_markdown_report_shows_every_row_and_verdict():
     rows = [
         _row("peg-only", 512, 100, 34.0),
@@ -342,8 +372,12 @@ def test_run_from_args_writes_consistent_json_and_markdown(tmp_path, capsys):
     assert rows["peg-only"]["mac_components"]["hiera_unused_attention_weights"] > 0
     assert payload["matmul"]["peak_gflops"] > 0 and payload["machine"]["torch"] == torch.__version__
     assert len(payload["interleaved"]["64"]["rounds_ms"]) == 2
-    targets = {(t["target"], t["input_size"]): t["status"] for t in payload["targets"]}
-    assert targets["T1a", 64] in (PASS, MISS) and targets["T2", 512] == NOT_EVALUATED
+    targets = {(t["target"], t["input_size"]): t for t in payload["targets"]}
+    # T1a is judged on this run's own interleaved rounds: the median per-round ratio against +10 %
+    ratio = statistics.median(r["biosam2-lw-fused"] / r["peg-only"] for r in payload["interleaved"]["64"]["rounds_ms"])
+    assert targets["T1a", 64]["status"] == (PASS if ratio <= 1.10 else MISS)
+    assert targets["T1a", 64]["measured"] == f"{ratio - 1:+.1%} latency"
+    assert targets["T2", 512]["status"] == NOT_EVALUATED  # vanilla was measured at 64 only
 
     markdown = markdown_path.read_text()
     assert capsys.readouterr().out.startswith(markdown)  # the report printed is the report written
@@ -370,4 +404,6 @@ def test_reference_and_hp_at_full_size(tmp_path):
     reference = next(r for r in payload["rows"] if r["config"] == "sam-vit-b")
     assert reference["params_trainable"] is None and reference["train_step"] is None
     assert reference["macs"] == pytest.approx(488e9, rel=0.02)
-    assert any(t["target"] == "T3" and t["status"] in (PASS, MISS) for t in payload["targets"])
+    # HP at 512 is 34.3 GMACs against ViT-B's 487.8 (counted, not timed: the same on every machine)
+    t3 = [(t["input_size"], t["status"], t["measured"]) for t in payload["targets"] if t["target"] == "T3"]
+    assert t3 == [(512, PASS, "93.0% fewer MACs")]

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import perturb_every_tensor
 
 import biosam2
 
@@ -50,14 +51,7 @@ def perturbed_meta_model(config: str, seed: int = 0) -> torch.nn.Module:
         "sam2.build_sam",
         reason="Meta's reference SAM2 (PyPI package 'sam2') is not installed; the README's test command installs it",
     )
-    model = build_sam.build_sam2(config, ckpt_path=None, device="cpu", mode="eval")
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
-            before = tensor.clone()
-            tensor.add_(0.02 * torch.randn(tensor.shape, generator=generator, dtype=tensor.dtype))
-            assert not torch.equal(tensor, before), f"{name} kept its init value"
-    return model
+    return perturb_every_tensor(build_sam.build_sam2(config, ckpt_path=None, device="cpu", mode="eval"), seed)
 
 
 @pytest.mark.parametrize(

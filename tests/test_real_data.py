@@ -35,7 +35,7 @@ def test_isbi2012_slices_end_to_end(tmp_path):
         assert read_label(path).array.shape == (512, 512)
     run_cli("evaluate", predictions, data / "labelsTs", "--out", tmp_path / "evaluation")
     result = json.loads((tmp_path / "evaluation" / "evaluation.json").read_text())
-    assert result["hd95_unit"] == "pixels" and 0 <= result["miou"] <= 1
+    assert result["hd95_unit"] == "pixels"
     # the run's own test evaluation and the standalone one agree (same model, same data)
     assert result["miou"] == pytest.approx(metrics["test"]["miou"], abs=1e-9)
 
@@ -55,7 +55,7 @@ def test_acdc_volumes_end_to_end(tmp_path):
         assert set(np.unique(label.array)) <= {0, 1, 2, 3}
     run_cli("evaluate", predictions, data / "labelsTs", "--out", tmp_path / "evaluation")
     result = json.loads((tmp_path / "evaluation" / "evaluation.json").read_text())
-    assert result["class_names"] == ["background", "RV", "myocardium", "LV"] or len(result["class_names"]) == 4
+    assert result["class_names"] == ["background", "RV", "myocardium", "LV"]  # from the dataset.json beside labelsTs
     assert result["num_cases"] == 2 and result["hd95_unit"] == "voxels"  # the SSL4MIS files store no spacing
 
 

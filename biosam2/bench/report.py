@@ -125,7 +125,7 @@ def evaluate_targets(
                 TargetResult(
                     "T1a",
                     size,
-                    PASS if ratio - 1 <= LW_FUSED_MAX_OVERHEAD else MISS,
+                    PASS if ratio <= 1 + LW_FUSED_MAX_OVERHEAD else MISS,  # not ratio - 1: 1.1 - 1 > 0.1 in floats
                     f"{ratio - 1:+.1%} latency",
                     requirement,
                     f"{how}; the fused adapters add {fused.macs / peg.macs - 1:+.1%} MACs.{caveat}",

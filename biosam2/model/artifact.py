@@ -22,7 +22,7 @@ import torch
 from safetensors import SafetensorError
 
 from biosam2.atomic_io import replace_directory
-from biosam2.errors import CheckpointError
+from biosam2.errors import CheckpointError, ConfigError
 from biosam2.model.config import ModelConfig
 from biosam2.model.segmenter import non_finite
 from biosam2.model.sam2_weights import RandomWeightsWarning, WeightsSource
@@ -80,7 +80,40 @@ def read_artifact_description(directory: str | Path) -> dict[str, Any]:
         raise CheckpointError(
             f"{config_path}: written by a newer biosam2 (format {description['format_version']}); upgrade biosam2"
         )
+    problems = _description_problems(description)
+    if problems:
+        raise CheckpointError(
+            f"{config_path}: not as save_pretrained writes it (edited or damaged): {'; '.join(problems)}"
+        )
     return description
+
+
+BASE_KINDS = ("random", "hub", "directory", "official")
+
+
+def _description_problems(description: dict[str, Any]) -> list[str]:
+    """What load_model needs from biosam2.json and does not find there, in words."""
+    problems = []
+    if not isinstance(description.get("model"), dict):
+        problems.append("'model' (the model options) is missing or not an object")
+    if not isinstance(description.get("base_fingerprint"), str):
+        problems.append("'base_fingerprint' is missing or not a string")
+    base = description.get("base_weights")
+    if not isinstance(base, dict) or base.get("kind") not in BASE_KINDS:
+        problems.append(f"'base_weights' must be an object whose 'kind' is one of {', '.join(BASE_KINDS)}")
+        return problems
+    reference, seed = base.get("reference"), base.get("seed", 0)
+    if base["kind"] == "random":
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            problems.append(f"'base_weights.seed' {seed!r} is not an integer")
+    elif not isinstance(reference, str) or not reference:
+        problems.append(f"'base_weights.reference' {reference!r} does not name the base weights")
+    elif base["kind"] in ("directory", "official") and not reference.startswith("hf://") and not Path(reference).is_absolute():
+        # save_pretrained records absolute paths: a relative one would mean another file in another folder.
+        problems.append(
+            f"'base_weights.reference' {reference!r} is a relative path, which would depend on the working directory"
+        )
+    return problems
 
 
 def load_model(
@@ -99,17 +132,31 @@ def load_model(
     from biosam2.model.sam2_weights import load_sam2
 
     directory = Path(directory)
+    config_path = directory / CONFIG_FILE
     description = read_artifact_description(directory)
-    config = ModelConfig.from_dict(description["model"])
+    try:
+        config = ModelConfig.from_dict(description["model"])
+    except (ConfigError, TypeError, ValueError) as error:
+        raise CheckpointError(f"{config_path}: invalid model options: {error}") from None
     fused = config.reparameterized
     config.reparameterized = False
     recorded = description["base_weights"]
-    if base_weights is None:
+    from_description = base_weights is None
+    if from_description:
         base_weights = RANDOM_WEIGHTS if recorded["kind"] == "random" else recorded["reference"]
     with warnings.catch_warnings():
         if recorded["kind"] == "random" and base_weights == RANDOM_WEIGHTS:  # already warned when it was trained
             warnings.simplefilter("ignore", RandomWeightsWarning)
-        sam2, source = load_sam2(config.size, base_weights, seed=recorded.get("seed", 0))
+        try:
+            sam2, source = load_sam2(config.size, base_weights, seed=recorded.get("seed", 0))
+        except CheckpointError as error:
+            if not from_description:
+                raise
+            raise CheckpointError(
+                f"{config_path}: the base SAM2 weights it names cannot be used here: {error}. If you have the "
+                "weights the model was trained on elsewhere, pass them: biosam2 predict --weights PATH, or "
+                "load_model(..., base_weights=PATH)"
+            ) from None
     model = assemble(config, sam2, source)
     if fused:
         model.reparameterize()

@@ -116,6 +116,10 @@ def read_official_checkpoint(path: Path) -> dict[str, torch.Tensor]:
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as error:
         raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({error}). Is it truncated?") from None
+    except (KeyError, ValueError):  # what torch's legacy (non-zip) reader raises on a file that is no checkpoint (text)
+        raise CheckpointError(
+            f"{path}: not a PyTorch checkpoint (neither torch.save's zip nor its legacy format)"
+        ) from None
     if isinstance(payload, dict) and "model" in payload:
         payload = payload["model"]
     if not isinstance(payload, dict) or not all(isinstance(v, torch.Tensor) for v in payload.values()):

@@ -18,6 +18,14 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+def _dtype_kind(tensor: torch.Tensor) -> str:
+    if tensor.is_floating_point():
+        return "floating point"
+    if tensor.is_complex():
+        return "complex"
+    return "bool" if tensor.dtype == torch.bool else "integer"
+
+
 def non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
     """Names of the floating-point tensors that hold a NaN or an Inf."""
     return sorted(name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all())
@@ -130,10 +138,22 @@ class BioSAM2(nn.Module):
             for name in names & expected_names
             if tensors[name].shape != expected[name].shape
         )
-        if missing or unexpected or wrong_shape:
+        # Another float precision is a model saved after .half()/.bfloat16(): converted on loading. Integers or
+        # booleans for floats (or the reverse) would be cast silently into nonsense: refused.
+        wrong_dtype = sorted(
+            f"{name} {tensors[name].dtype} vs model {expected[name].dtype}"
+            for name in names & expected_names
+            if _dtype_kind(tensors[name]) != _dtype_kind(expected[name])
+        )
+        if missing or unexpected or wrong_shape or wrong_dtype:
             details = "; ".join(
                 f"{label} {len(keys)}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
-                for label, keys in (("wrong shape", wrong_shape), ("missing", missing), ("unexpected", unexpected))
+                for label, keys in (
+                    ("wrong shape", wrong_shape),
+                    ("wrong dtype", wrong_dtype),
+                    ("missing", missing),
+                    ("unexpected", unexpected),
+                )
                 if keys
             )
             raise CheckpointError(
