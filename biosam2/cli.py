@@ -125,7 +125,8 @@ def _print_summary(run: Path, summary: dict[str, Any]) -> None:
 
 def _load_run_model(path: Path, base_weights: str | None):
     """A run directory (RUN/model) or an artifact directory -> (model, metadata)."""
-    from biosam2.model.artifact import load_model, read_artifact_description
+    from biosam2.model.artifact import read_artifact_description
+    from biosam2.model.factory import load_model
 
     artifact = path / "model" if (path / "model" / "biosam2.json").exists() else path
     description = read_artifact_description(artifact)

@@ -36,7 +36,7 @@ def run_demo(out: Path, *, epochs: int = DEMO_EPOCHS, adapter: str = "lw", progr
     from biosam2.data.normalization import Normalization
     from biosam2.evaluation import evaluate_folders
     from biosam2.inference.predict_files import predict_files
-    from biosam2.model.artifact import load_model
+    from biosam2.model.factory import load_model
     from biosam2.training import TrainConfig, train
 
     out = fresh_folder(out)

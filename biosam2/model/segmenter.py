@@ -8,6 +8,7 @@ from torch import nn
 
 from biosam2.errors import ConfigError
 from biosam2.model.adapters import reparameterize_modules
+from biosam2.model.artifact import save_artifact
 from biosam2.model.config import ModelConfig
 from biosam2.model.decoder import PromptFreeDecoder
 from biosam2.model.encoder import HIERA_TOTAL_STRIDE, HieraEncoder
@@ -16,11 +17,6 @@ from biosam2.model.sam2_weights import WeightsSource
 # SAM2 was trained on ImageNet-normalised RGB.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
-    """Names of the floating-point tensors that hold a NaN or an Inf."""
-    return sorted(name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all())
 
 
 class BioSAM2(nn.Module):
@@ -166,6 +162,4 @@ class BioSAM2(nn.Module):
 
     def save_pretrained(self, directory, metadata: dict | None = None) -> None:
         """Write the trained tensors (safetensors) and a JSON config naming the base SAM2 weights."""
-        from biosam2.model.artifact import save_artifact
-
         save_artifact(self, directory, metadata)

@@ -16,7 +16,8 @@ from biosam2.data.dataset_format import IGNORE_INDEX
 from biosam2.errors import CheckpointError, TrainingDiverged
 from biosam2.evaluation.metrics import iou_from_confusion
 from biosam2.inference.predictor import Predictor
-from biosam2.model.segmenter import BioSAM2, non_finite
+from biosam2.model.artifact import non_finite
+from biosam2.model.segmenter import BioSAM2
 from biosam2.training.config import TrainConfig
 
 
