@@ -78,7 +78,7 @@ def test_resume_continues_from_the_last_checkpoint(dataset, tmp_path):
     summary = train(dataset, run, TrainConfig(**QUICK), resume=True, progress_bar=False)
     assert summary["epochs_trained"] == 2
     # each attempt keeps its own log; together they cover both epochs
-    from biosam2.training.plots import epoch_series
+    from biosam2.visualization import epoch_series
 
     logs = sorted((run / "logs").glob("version_*/metrics.csv"))
     assert len(logs) == 2

@@ -57,7 +57,7 @@ from biosam2.training.config import TrainConfig
 from biosam2.training.data_module import SegmentationData
 from biosam2.training.distributed import is_first_process
 from biosam2.training.module import SegmentationModule, check_checkpoint
-from biosam2.training.plots import plot_learning_curves, write_overlay
+from biosam2.visualization import plot_learning_curves, write_overlay
 
 log = logging.getLogger("biosam2")
 
