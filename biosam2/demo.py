@@ -30,9 +30,10 @@ def fresh_folder(path: Path) -> Path:
 # foreground classes (test mIoU ~0.64) in about 80 s of training on 2 cores; with 12 epochs, or plain
 # cross-entropy at 1e-3, the thin "fibre" and small "nucleus" classes stay at zero.
 DEMO_EPOCHS = 40
+DEMO_ADAPTERS = ("lw", "hp")  # the paper's two; the first is the default
 
 
-def run_demo(out: Path, *, epochs: int = DEMO_EPOCHS, adapter: str = "lw", progress_bar: bool = True) -> Path:
+def run_demo(out: Path, *, epochs: int = DEMO_EPOCHS, adapter: str = DEMO_ADAPTERS[0], progress_bar: bool = True) -> Path:
     from biosam2.data.normalization import Normalization
     from biosam2.evaluation import evaluate_folders
     from biosam2.inference.predict_files import predict_files
