@@ -13,6 +13,7 @@ The directory is written as a whole (staging folder, then a swap): never half an
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,10 @@ from biosam2.model.sam2_weights import WeightsSource
 WEIGHTS_FILE = "biosam2.safetensors"
 CONFIG_FILE = "biosam2.json"
 FORMAT = "biosam2-artifact"
-FORMAT_VERSION = 1
+# 2: a fused LW adapter is a plain nn.Conv2d in its adapter's ``spatial`` slot (format 1 kept it inside
+# the multi-branch block: ``spatial.fused.weight``); format 1 files are read with their names mapped.
+FORMAT_VERSION = 2
+_FUSED_IN_FORMAT_1 = re.compile(r"\.spatial\.fused\.(weight|bias)$")
 
 
 def non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
@@ -84,14 +88,18 @@ def read_artifact_description(directory: str | Path) -> dict[str, Any]:
     return description
 
 
-def read_trained_tensors(directory: Path) -> dict[str, torch.Tensor]:
+def read_trained_tensors(directory: Path, description: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The artifact's tensors, named as this biosam2 names them (``description``: its biosam2.json)."""
     weights_path = directory / WEIGHTS_FILE
     try:
-        return safetensors.torch.load_file(weights_path)
+        tensors = safetensors.torch.load_file(weights_path)
     except FileNotFoundError:
         raise CheckpointError(f"{weights_path}: missing; the artifact is incomplete") from None
     except (SafetensorError, OSError) as error:
         raise CheckpointError(f"{weights_path}: not a readable safetensors file ({error})") from None
+    if description.get("format_version", 0) < 2:
+        tensors = {_FUSED_IN_FORMAT_1.sub(r".spatial.\1", name): t for name, t in tensors.items()}
+    return tensors
 
 
 def load_trained_tensors(model, tensors: dict[str, torch.Tensor]) -> None:

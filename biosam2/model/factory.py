@@ -99,7 +99,7 @@ def build_model(
     sam2, source = load_sam2(config.size, weights, seed=seed)
     model = assemble(config, sam2, source)
     if reparameterized:
-        model.reparameterize()
+        _fuse(model)
     return model
 
 
@@ -128,11 +128,11 @@ def load_model(
             warnings.simplefilter("ignore", RandomWeightsWarning)
         sam2, source = load_sam2(config.size, base_weights, seed=recorded.get("seed", 0))
     model = assemble(config, sam2, source)
-    if fused:
-        model.reparameterize()
+    if fused:  # before the tensors are loaded: the artifact holds the fused convolutions
+        _fuse(model)
 
     weights_path = directory / WEIGHTS_FILE
-    tensors = read_trained_tensors(directory)
+    tensors = read_trained_tensors(directory, description)
     legacy = model.check_trained_tensors(tensors, f"{weights_path} (described by {CONFIG_FILE})")
     bad = non_finite(tensors)
     if bad:
@@ -145,6 +145,14 @@ def load_model(
         )
     load_trained_tensors(model, {k: v for k, v in tensors.items() if k not in legacy})
     return model
+
+
+def _fuse(model: BioSAM2) -> None:
+    """Fuse a model that has just been made, keeping its mode. Its BatchNorm statistics are the
+    initial or saved ones, so eval semantics are the ones meant (reparameterize() refuses training mode)."""
+    training = model.training
+    model.eval().reparameterize()
+    model.train(training)
 
 
 def assemble(config: ModelConfig, sam2: nn.Module, source) -> BioSAM2:

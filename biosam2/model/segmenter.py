@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from biosam2.errors import ConfigError
-from biosam2.model.adapters import reparameterize_modules
+from biosam2.model.adapters import RepConv3x3, reparameterize_modules
 from biosam2.model.artifact import save_artifact
 from biosam2.model.config import ModelConfig
 from biosam2.model.decoder import PromptFreeDecoder
@@ -76,13 +78,25 @@ class BioSAM2(nn.Module):
         return logits[..., :height, :width]
 
     @torch.no_grad()
-    def reparameterize(self) -> BioSAM2:
-        """Fuse every LW adapter into a single 3x3 convolution, in place (inference form)."""
+    def reparameterize(self, inplace: bool = True) -> BioSAM2:
+        """Replace every LW adapter's multi-branch block by one ``nn.Conv2d`` (the inference form).
+
+        The fused convolution holds BatchNorm's running statistics: what the model computes in eval
+        mode. In training mode BatchNorm uses each batch's own statistics instead, so fusing then would
+        silently change the model's output: refused. ``inplace=False`` returns a fused copy and leaves
+        this model as it is.
+        """
         if self.config.adapter != "lw":
             raise ConfigError(f"reparameterize() fuses LW adapters; this model has adapter={self.config.adapter!r}")
-        reparameterize_modules(self)
-        self.config.reparameterized = True
-        return self
+        if any(m.training for m in self.modules() if isinstance(m, RepConv3x3)):
+            raise ConfigError(
+                "reparameterize() fuses with BatchNorm's running statistics, as the model computes in eval mode, "
+                "but the model is in training mode (batch statistics): call model.eval() first"
+            )
+        model = self if inplace else copy.deepcopy(self)
+        reparameterize_modules(model)
+        model.config.reparameterized = True
+        return model
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Recompute encoder blocks in the backward pass: less memory for larger batches or images."""
