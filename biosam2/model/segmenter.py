@@ -53,7 +53,9 @@ class BioSAM2(nn.Module):
     def num_classes(self) -> int:
         return self.config.num_classes
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, *, already_resized: bool = False) -> torch.Tensor:
+        """``already_resized``: with ``input_size``, the images are at that scale already (crops cut from
+        resized images, as training makes them), so they run at their own size instead of being squashed."""
         if images.ndim != 4 or images.shape[1] not in (1, 3):
             raise ConfigError(f"expected images of shape (B, 1 or 3, H, W), got {tuple(images.shape)}")
         if not images.is_floating_point():
@@ -63,7 +65,8 @@ class BioSAM2(nn.Module):
             images = images.expand(-1, 3, -1, -1)
         pixels = (images - self.pixel_mean.to(images.dtype)) / self.pixel_std.to(images.dtype)
 
-        if self.config.input_size is not None:  # SAM2's own way: squash to a fixed square
+        resize = self.config.input_size is not None and not already_resized
+        if resize:  # SAM2's own way: squash to a fixed square
             side = self.config.input_size
             pixels = F.interpolate(pixels, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
         else:  # native resolution: pad with zeros (= the mean colour) to the stride Hiera needs
@@ -73,7 +76,7 @@ class BioSAM2(nn.Module):
 
         logits = self.decoder(self.encoder(pixels))  # (B, N, H'/4, W'/4)
         logits = F.interpolate(logits, size=pixels.shape[-2:], mode="bilinear", align_corners=False)
-        if self.config.input_size is not None:
+        if resize:
             return F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
         return logits[..., :height, :width]
 
