@@ -10,8 +10,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from biosam2.data.check import check_dataset
-from biosam2.data.synthetic import write_synthetic_dataset
 from biosam2.errors import DataError
 
 log = logging.getLogger("biosam2")
@@ -34,7 +32,9 @@ DEMO_ADAPTERS = ("lw", "hp")  # the paper's two; the first is the default
 
 
 def run_demo(out: Path, *, epochs: int = DEMO_EPOCHS, adapter: str = DEMO_ADAPTERS[0], progress_bar: bool = True) -> Path:
+    from biosam2.data.check import check_dataset  # here: the command line reads this module's defaults
     from biosam2.data.normalization import Normalization
+    from biosam2.data.synthetic import write_synthetic_dataset
     from biosam2.evaluation import evaluate_folders
     from biosam2.inference.predict_files import predict_files
     from biosam2.model.factory import load_model
