@@ -19,11 +19,16 @@ import argparse
 import logging
 import sys
 import warnings
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
+# Choices and defaults come from where they are decided (none of these import torch: -h stays fast).
+from biosam2.data.convert import CONVERTERS, SOURCE_LABEL_MAPS, convert_dataset
+from biosam2.demo import DEMO_ADAPTERS, DEMO_EPOCHS, run_demo
 from biosam2.errors import BioSAM2Error
-from biosam2.options import ADAPTERS, BENCHMARKS, LOSSES, POSITIONAL_ENCODINGS, PRECISIONS, SAM2_SIZE_NAMES
+from biosam2.options import ADAPTERS, BENCHMARKS, INPUT_MODES, LOSSES, POSITIONAL_ENCODINGS, PRECISIONS, SAM2_SIZE_NAMES
+from biosam2.training.config import TrainConfig, config_field_names
 
 log = logging.getLogger("biosam2")
 
@@ -38,8 +43,6 @@ def cmd_check_data(args: argparse.Namespace) -> int:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from biosam2.data.convert import convert_dataset
-
     options = {"source_labels": args.source_labels} if args.source_labels else {}
     summary = convert_dataset(args.name, Path(args.src), Path(args.dst), seed=args.seed, limit=args.limit, overwrite=args.overwrite, **options)
     print(summary)
@@ -50,8 +53,6 @@ def _given_options(args: argparse.Namespace) -> dict[str, Any]:
     """The options the user actually gave: on the command line (argparse leaves the others None)
     and in a --config file."""
     import yaml
-
-    from biosam2.training.config import config_field_names
 
     given = {}
     if args.config:
@@ -64,8 +65,6 @@ def _given_options(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _train_config(args: argparse.Namespace):
-    from biosam2.training.config import TrainConfig, config_field_names
-
     overrides = {name: getattr(args, name) for name in config_field_names() if getattr(args, name, None) is not None}
     if args.config:
         return TrainConfig.from_yaml(args.config, overrides)
@@ -76,7 +75,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
     from biosam2.errors import ConfigError
-    from biosam2.training.config import TrainConfig
     from biosam2.training.run import CONFIG_FILE, train
 
     config = _train_config(args)
@@ -125,7 +123,8 @@ def _print_summary(run: Path, summary: dict[str, Any]) -> None:
 
 def _load_run_model(path: Path, base_weights: str | None):
     """A run directory (RUN/model) or an artifact directory -> (model, metadata)."""
-    from biosam2.model.artifact import load_model, read_artifact_description
+    from biosam2.model.artifact import read_artifact_description
+    from biosam2.model.factory import load_model
 
     artifact = path / "model" if (path / "model" / "biosam2.json").exists() else path
     description = read_artifact_description(artifact)
@@ -173,8 +172,6 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from biosam2.demo import run_demo
-
     epochs = {} if args.epochs is None else {"epochs": args.epochs}
     run_demo(Path(args.out), adapter=args.adapter, progress_bar=not args.no_progress, **epochs)
     return 0
@@ -188,40 +185,52 @@ def cmd_selfcheck(args: argparse.Namespace) -> int:
 
 # ---- parser -------------------------------------------------------------------------------------
 def _add_train_options(parser: argparse.ArgumentParser) -> None:
+    """Every TrainConfig option. The defaults that -h shows are TrainConfig's own; argparse's stay None,
+    so that an option the user did not give is told apart from one given with the default value."""
+    defaults = {item.name: item.default for item in fields(TrainConfig)}
+
+    def add(group, flag: str, text: str, *, unset: str | None = None, **kwargs: Any) -> None:
+        dest = flag.removeprefix("--").replace("-", "_")
+        shown = unset if defaults[dest] is None else defaults[dest]
+        group.add_argument(flag, dest=dest, help=text if shown is None else f"{text} (default {shown})", **kwargs)
+
     model = parser.add_argument_group("model")
-    model.add_argument("--size", choices=SAM2_SIZE_NAMES, help="SAM2 size (default tiny)")
-    model.add_argument("--weights", help="SAM2 weights: hf (pretrained SAM2.1 from the Hugging Face hub or its cache; the default), meta "
-                       "(Meta's sam2.1_hiera_*.pt), a hub id, a transformers folder, a .pt file, or random (tests only)")
-    model.add_argument("--adapter", choices=ADAPTERS, help="where training happens (default hp)")
-    model.add_argument("--pos-encoding", dest="pos_encoding", choices=POSITIONAL_ENCODINGS, help="positional encoding (default peg)")
-    model.add_argument("--adapter-ratio", dest="adapter_ratio", type=float, help="bottleneck width / block width (default 0.25)")
-    model.add_argument("--adapter-scale", dest="adapter_scale", type=float, help="adapter branch weight (default 0.5)")
-    model.add_argument("--adapter-blocks", dest="adapter_blocks", type=lambda s: [int(v) for v in s.split(",")], help="comma-separated Hiera block indices (default all)")
-    model.add_argument("--lora-rank", dest="lora_rank", type=int)
-    model.add_argument("--lora-alpha", dest="lora_alpha", type=float)
-    model.add_argument("--input-size", dest="input_size", type=int, help="resize inputs to a fixed square (SAM2's own way); default native resolution")
+    add(model, "--size", "SAM2 size", choices=SAM2_SIZE_NAMES)
+    add(model, "--weights", "SAM2 weights: hf, pretrained SAM2.1 from the Hugging Face hub or its cache; meta, Meta's "
+        "sam2.1_hiera_*.pt; a hub id, a transformers folder or a .pt file; random, for tests")
+    add(model, "--adapter", "where training happens", choices=ADAPTERS)
+    add(model, "--pos-encoding", "positional encoding", choices=POSITIONAL_ENCODINGS)
+    add(model, "--adapter-ratio", "bottleneck width / block width", type=float)
+    add(model, "--adapter-scale", "adapter branch weight", type=float)
+    add(model, "--adapter-blocks", "comma-separated Hiera block indices", unset="all",
+        type=lambda s: [int(v) for v in s.split(",")])
+    add(model, "--lora-rank", "LoRA rank (--adapter lora)", type=int)
+    add(model, "--lora-alpha", "LoRA alpha (--adapter lora)", type=float)
+    add(model, "--input-size", "resize every image to this square (SAM2's own way); training crops are then cut from "
+        "the resized image", unset="native resolution", type=int)
     optim = parser.add_argument_group("optimisation (defaults: the paper's recipe)")
-    optim.add_argument("--epochs", type=int, help="default 200")
-    optim.add_argument("--batch-size", dest="batch_size", type=int, help="default 8")
-    optim.add_argument("--lr", type=float, help="Adam learning rate, cosine schedule to 0 (default 1e-4)")
-    optim.add_argument("--weight-decay", dest="weight_decay", type=float)
-    optim.add_argument("--loss", choices=LOSSES, help="ce (default) or dice_ce")
+    add(optim, "--epochs", "training epochs", type=int)
+    add(optim, "--batch-size", "images per step", type=int)
+    add(optim, "--lr", "Adam learning rate, cosine schedule to 0", type=float)
+    add(optim, "--weight-decay", "Adam weight decay", type=float)
+    add(optim, "--loss", "training loss", choices=LOSSES)
     data = parser.add_argument_group("data")
-    data.add_argument("--fold", type=int, help="fold of splits_final.json (default 0)")
-    data.add_argument("--patch-size", dest="patch_size", type=int, help="training crop/resize size (default 256)")
-    data.add_argument("--input-mode", dest="input_mode", choices=["crop", "resize"], help="random crops (default) or resized images")
+    add(data, "--fold", "fold of splits_final.json", type=int)
+    add(data, "--patch-size", "training crop size (crop), or size whole images are resized to (resize)", type=int)
+    add(data, "--input-mode", "training samples: random crops or whole images resized", choices=INPUT_MODES)
     data.add_argument("--no-augment", dest="augment", action="store_const", const=False, help="disable augmentation")
-    data.add_argument("--limit-train-batches", dest="limit_train_batches", type=int, help="cap on steps per epoch")
+    add(data, "--limit-train-batches", "cap on steps per epoch", unset="no cap", type=int)
     run = parser.add_argument_group("run")
-    run.add_argument("--seed", type=int, help="default 0")
-    run.add_argument("--precision", choices=PRECISIONS, help="auto: mixed precision on GPU, fp32 on CPU")
-    run.add_argument("--accelerator", help="auto (default), cpu, gpu")
-    run.add_argument("--devices", help="auto (default), a count or a list")
-    run.add_argument("--strategy", help="auto (default), ddp, ...")
-    run.add_argument("--num-nodes", dest="num_nodes", type=int)
-    run.add_argument("--num-workers", dest="num_workers", type=int, help="data-loading processes (default 2)")
-    run.add_argument("--val-every", dest="val_every", type=int, help="epochs between validations (default 1)")
-    run.add_argument("--gradient-checkpointing", dest="gradient_checkpointing", action="store_const", const=True)
+    add(run, "--seed", "seed of initialisation, split and augmentation", type=int)
+    add(run, "--precision", "auto: mixed precision on GPU, fp32 on CPU", choices=PRECISIONS)
+    add(run, "--accelerator", "auto, cpu, gpu")
+    add(run, "--devices", "auto, a count or a list")
+    add(run, "--strategy", "auto, ddp, ...")
+    add(run, "--num-nodes", "machines of a multi-node run", type=int)
+    add(run, "--num-workers", "data-loading processes", type=int)
+    add(run, "--val-every", "epochs between validations", type=int)
+    run.add_argument("--gradient-checkpointing", dest="gradient_checkpointing", action="store_const", const=True,
+                     help="recompute encoder blocks in the backward pass: less memory, more time")
     run.add_argument("--no-test", dest="evaluate_test", action="store_const", const=False, help="skip the final test evaluation")
 
 
@@ -233,18 +242,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="the whole workflow on built-in synthetic data (CPU, a few minutes)")
     demo.add_argument("--out", default="biosam2-demo", help="output folder (a fresh one is made if it exists)")
-    demo.add_argument("--epochs", type=int, default=None, help="training epochs (default 40)")
-    demo.add_argument("--adapter", default="lw", choices=["hp", "lw"])
+    demo.add_argument("--epochs", type=int, default=None, help=f"training epochs (default {DEMO_EPOCHS})")
+    demo.add_argument("--adapter", default=DEMO_ADAPTERS[0], choices=DEMO_ADAPTERS, help="default %(default)s")
     demo.add_argument("--no-progress", action="store_true")
     demo.set_defaults(handler=cmd_demo)
 
     convert = commands.add_parser("convert", help="write a public dataset in biosam2's (nnU-Net) format")
-    convert.add_argument("name", choices=["isbi2012", "kvasir-seg", "acdc", "synapse"])
+    convert.add_argument("name", choices=CONVERTERS)
     convert.add_argument("src", help="the dataset as distributed")
     convert.add_argument("dst", help="new dataset folder")
     convert.add_argument("--seed", type=int, default=0, help="seed of the documented random splits")
     convert.add_argument("--limit", type=int, help="keep only the first N cases of each split (quick experiments)")
-    convert.add_argument("--source-labels", choices=["btcv", "totalsegmentator"], help="synapse raw NIfTI: label ids of the source")
+    convert.add_argument("--source-labels", choices=SOURCE_LABEL_MAPS, help="synapse: what the source's label ids mean")
     convert.add_argument("--overwrite", action="store_true", help="allow writing into a non-empty DST")
     convert.set_defaults(handler=cmd_convert)
 

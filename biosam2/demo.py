@@ -10,8 +10,6 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from biosam2.data.check import check_dataset
-from biosam2.data.synthetic import write_synthetic_dataset
 from biosam2.errors import DataError
 
 log = logging.getLogger("biosam2")
@@ -30,13 +28,16 @@ def fresh_folder(path: Path) -> Path:
 # foreground classes (test mIoU ~0.64) in about 80 s of training on 2 cores; with 12 epochs, or plain
 # cross-entropy at 1e-3, the thin "fibre" and small "nucleus" classes stay at zero.
 DEMO_EPOCHS = 40
+DEMO_ADAPTERS = ("lw", "hp")  # the paper's two; the first is the default
 
 
-def run_demo(out: Path, *, epochs: int = DEMO_EPOCHS, adapter: str = "lw", progress_bar: bool = True) -> Path:
+def run_demo(out: Path, *, epochs: int = DEMO_EPOCHS, adapter: str = DEMO_ADAPTERS[0], progress_bar: bool = True) -> Path:
+    from biosam2.data.check import check_dataset  # here: the command line reads this module's defaults
     from biosam2.data.normalization import Normalization
+    from biosam2.data.synthetic import write_synthetic_dataset
     from biosam2.evaluation import evaluate_folders
     from biosam2.inference.predict_files import predict_files
-    from biosam2.model.artifact import load_model
+    from biosam2.model.factory import load_model
     from biosam2.training import TrainConfig, train
 
     out = fresh_folder(out)

@@ -7,6 +7,7 @@ SAM2_SIZE_NAMES = ("tiny", "small", "base-plus", "large")
 ADAPTERS = ("hp", "lw", "none", "adaptformer", "lora", "full")
 POSITIONAL_ENCODINGS = ("peg", "sam2")
 LOSSES = ("ce", "dice_ce")
+INPUT_MODES = ("crop", "resize")  # training samples: random patch_size crops, or whole images resized
 PRECISIONS = ("auto", "32", "bf16-mixed", "16-mixed")
 BENCHMARKS = ("efficiency", "accuracy")
 

@@ -39,9 +39,9 @@ def test_rep_block_fuses_to_one_conv_with_the_same_output():
     block.eval()
     x = torch.randn(2, 16, 9, 13, generator=generator)
     unfused = block(x)
-    block.reparameterize()
-    assert isinstance(block.fused, nn.Conv2d) and block.fused.kernel_size == (3, 3)
-    torch.testing.assert_close(block(x), unfused, atol=1e-5, rtol=1e-5)
+    fused = block.fuse()
+    assert type(fused) is nn.Conv2d and fused.kernel_size == (3, 3)
+    torch.testing.assert_close(fused(x), unfused, atol=1e-5, rtol=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +82,8 @@ def test_fused_model_has_no_batch_norm_or_1x1_branch_left_in_adapters(lw_pair):
     assert not any(isinstance(m, nn.BatchNorm2d) for m in adapter_modules)
     assert not any(isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) for m in adapter_modules)
     spatial = [m.spatial for m in adapter_modules if hasattr(m, "spatial")]
-    assert len(spatial) == 12 and all(isinstance(s.fused, nn.Conv2d) and len(list(s.children())) == 1 for s in spatial)
+    assert len(spatial) == 12 and all(type(s) is nn.Conv2d for s in spatial)  # the module itself, as timm's
+    assert not any(isinstance(m, RepConv3x3) for m in fused.modules())
     assert fused.config.reparameterized
     assert biosam2.count_parameters(fused).trainable < biosam2.count_parameters(lw_pair[0]).trainable
 
@@ -90,6 +91,41 @@ def test_fused_model_has_no_batch_norm_or_1x1_branch_left_in_adapters(lw_pair):
 def test_reparameterize_refuses_models_without_lw_adapters():
     with pytest.raises(biosam2.ConfigError, match="LW"):
         biosam2.build_model("tiny", weights="random", adapter="hp").reparameterize()
+
+
+def test_reparameterize_refuses_a_model_in_training_mode_and_leaves_it_unchanged():
+    """BatchNorm in training mode uses batch statistics; the fused conv holds the running ones."""
+    model = biosam2.build_model("tiny", weights="random", num_classes=2, adapter="lw")  # nn.Module: training mode
+    randomise_batch_norms(model, torch.Generator().manual_seed(6))
+    images = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        batch_statistics = model(images)
+        with pytest.raises(biosam2.ConfigError, match=r"training mode.*model\.eval\(\)"):
+            model.reparameterize()
+        assert not model.config.reparameterized and any(isinstance(m, RepConv3x3) for m in model.modules())
+        # what fusing would have done: the same model, other numbers
+        assert (model.eval().reparameterize()(images) - batch_statistics).abs().max() > 1e-3
+
+
+def test_reparameterize_not_in_place_returns_a_fused_copy_and_keeps_the_original(lw_pair):
+    model, _ = lw_pair
+    trained_before = {k: v.clone() for k, v in model.trained_state_dict().items()}
+    images = torch.rand(1, 3, 64, 96)
+    with torch.no_grad():
+        expected = model(images)
+        copy_ = model.reparameterize(inplace=False)
+        got = copy_(images)
+    assert copy_ is not model and copy_.config.reparameterized and not model.config.reparameterized
+    assert any(isinstance(m, RepConv3x3) for m in model.modules())
+    assert not any(isinstance(m, RepConv3x3) for m in copy_.modules())
+    assert trained_before.keys() == model.trained_state_dict().keys()
+    assert all(torch.equal(v, model.trained_state_dict()[k]) for k, v in trained_before.items())
+    assert (got - expected).abs().max().item() <= 1e-4
+    # the trained/frozen bookkeeping is by name: it survives the copy, and the new convs count as trained
+    assert copy_.frozen_base_names == model.frozen_base_names
+    assert copy_.base_fingerprint() == model.base_fingerprint()
+    fused_names = set(copy_.trained_state_dict()) - set(model.trained_state_dict())
+    assert fused_names and all(name.endswith((".spatial.weight", ".spatial.bias")) for name in fused_names)
 
 
 # ---- HP ---------------------------------------------------------------------------------------

@@ -56,6 +56,31 @@ def test_fused_lw_model_saves_and_reloads_fused_and_is_a_few_megabytes(tmp_path)
     assert size_mb < 15 and size_mb < base_mb / 8, (size_mb, base_mb)
 
 
+def test_a_fused_lw_artifact_of_format_1_still_loads(tmp_path):
+    """Format 1 kept the fused conv inside the multi-branch block (``spatial.fused.weight``)."""
+    import safetensors.torch
+
+    model = biosam2.build_model("tiny", weights="random", num_classes=2, adapter="lw")
+    perturb_trainable(model)
+    model.eval().reparameterize()
+    model.save_pretrained(tmp_path / "old")
+    weights, config = tmp_path / "old" / WEIGHTS_FILE, tmp_path / "old" / CONFIG_FILE
+    tensors = safetensors.torch.load_file(weights)
+    old_names = {name.replace(".spatial.", ".spatial.fused."): t for name, t in tensors.items()}
+    assert sum(".spatial.fused." in name for name in old_names) == 24  # 12 blocks: weight and bias
+    safetensors.torch.save_file(old_names, weights, metadata={"format": "biosam2-artifact"})
+    description = json.loads(config.read_text())
+    assert description["format_version"] == 2
+    config.write_text(json.dumps({**description, "format_version": 1}))
+    restored = biosam2.load_model(tmp_path / "old").eval()
+    images = torch.rand(1, 3, 64, 100)
+    with torch.no_grad():
+        assert torch.equal(model(images), restored(images))
+    config.write_text(json.dumps(description))  # the same names under format 2 are not this model's
+    with pytest.raises(CheckpointError, match="unexpected 24"):
+        biosam2.load_model(tmp_path / "old")
+
+
 def test_artifact_holds_only_trained_tensors(tmp_path):
     import safetensors.torch
 

@@ -145,6 +145,8 @@ def test_shipped_grids_load_by_name_and_hold_the_promised_protocol():
     config = paper.config(Cell("kvasir-seg", "biosam2-hp", 0))
     assert (config.epochs, config.batch_size, config.lr, config.loss, config.weights) == (200, 8, 1e-4, "ce", "meta")
     assert config.input_size == 224 and paper.config(Cell("isbi2012", "vanilla-sam2", 0)).input_size == 256
+    isbi = paper.config(Cell("isbi2012", "biosam2-hp", 0))  # G-SAM: resized to 256, then 128-px random crops
+    assert (isbi.input_size, isbi.input_mode, isbi.patch_size) == (256, "crop", 128)
     for method in ["vanilla-sam2", "biosam2-hp", "biosam2-lw", "adaptformer", "lora", "full-finetune"]:
         assert method in paper.methods
     ratios = {paper.config(Cell("isbi2012", m, 0)).adapter_ratio for m in paper.ablations[2].methods}

@@ -22,7 +22,7 @@ from biosam2.errors import DataError
 from biosam2.evaluation import Evaluator, evaluate_folders
 from biosam2.training import TrainConfig, train
 from biosam2.training.module import SegmentationLoss
-from biosam2.training.plots import colour_overlay
+from biosam2.visualization import colour_overlay
 
 IGNORE = len(CLASSES)  # 4: right after background, cell, nucleus, fibre
 

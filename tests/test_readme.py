@@ -19,7 +19,9 @@ def test_readme_python_api_example_runs_as_written(tmp_path, monkeypatch):
         exec(compile(block.group(1), str(README), "exec"), namespace)
     assert tuple(namespace["logits"].shape) == (2, 4, 97, 211)
     assert (tmp_path / "my-model").is_dir()
-    from biosam2.model.adapters.lightweight import RepConv3x3
+    from torch import nn
 
-    reloaded = [m for m in namespace["model"].modules() if isinstance(m, RepConv3x3)]
-    assert reloaded and all(m.fused is not None for m in reloaded)  # saved fused, reloaded fused
+    from biosam2.model.adapters import BottleneckAdapter
+
+    reloaded = [m.spatial for m in namespace["model"].modules() if isinstance(m, BottleneckAdapter)]
+    assert reloaded and all(type(s) is nn.Conv2d for s in reloaded)  # saved fused, reloaded fused

@@ -45,7 +45,7 @@ def test_run_directory_holds_everything_promised(trained):
     assert metrics == json.loads(json.dumps(summary))
     assert metrics["epochs_trained"] == 2
     # the summary reports what the run measured: the best epoch of the logged curve, the written evaluation
-    from biosam2.training.plots import epoch_series
+    from biosam2.visualization import epoch_series
 
     curve = epoch_series(sorted((run / "logs").glob("version_*/metrics.csv")), "val/mIoU")
     assert [epoch for epoch, _ in curve] == [0, 1]
@@ -84,7 +84,7 @@ def test_a_short_seeded_run_learns_the_synthetic_task(tmp_path):
     and 2, 0.04 -> 0.29 and 0.06 -> 0.28 (cell 0.28, 0.22). Predicting background everywhere scores ~0.2.
     About 10 s on 2 idle cores. Broken training (no optimiser step) stays at the start and fails here.
     """
-    from biosam2.training.plots import epoch_series
+    from biosam2.visualization import epoch_series
 
     data = write_synthetic_dataset(tmp_path / "syn", train=16, val=2, test=0, max_side=96)
     config = TrainConfig(
@@ -129,7 +129,7 @@ def test_resume_continues_from_the_last_checkpoint(dataset, tmp_path):
     summary = train(dataset, run, TrainConfig(**QUICK), resume=True, progress_bar=False)
     assert summary["epochs_trained"] == 2
     # each attempt keeps its own log; together they cover both epochs
-    from biosam2.training.plots import epoch_series
+    from biosam2.visualization import epoch_series
 
     logs = sorted((run / "logs").glob("version_*/metrics.csv"))
     assert len(logs) == 2

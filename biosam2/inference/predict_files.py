@@ -42,6 +42,7 @@ from biosam2.data.image_io import (
 from biosam2.data.normalization import Normalization
 from biosam2.errors import ConfigError, DataError
 from biosam2.inference.predictor import Predictor, compact_labels
+from biosam2.visualization import write_overlay
 
 log = logging.getLogger("biosam2")
 _CHANNEL_FILE = re.compile(r"(.+)_(\d{4})$")
@@ -200,8 +201,6 @@ def predict_files(
     ``channel_names``: the run's (dataset.json's); each input's channels are checked against them.
     ``max_side``, ``tile_size``: 2-D images with a side above ``max_side`` are predicted in tiles (see Predictor).
     """
-    from biosam2.training.plots import write_overlay
-
     inputs, output = Path(inputs), Path(output)
     if batch_size < 1:
         raise ConfigError(f"--batch-size {batch_size}: must be at least 1")

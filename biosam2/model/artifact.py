@@ -13,7 +13,7 @@ The directory is written as a whole (staging folder, then a swap): never half an
 from __future__ import annotations
 
 import json
-import warnings
+import re
 from pathlib import Path
 from typing import Any
 
@@ -22,16 +22,21 @@ import torch
 from safetensors import SafetensorError
 
 from biosam2.atomic_io import replace_directory
-from biosam2.errors import CheckpointError, ConfigError
-from biosam2.model.config import ModelConfig
-from biosam2.model.segmenter import non_finite
-from biosam2.model.sam2_weights import RandomWeightsWarning, WeightsSource
-from biosam2.options import RANDOM_WEIGHTS
+from biosam2.errors import CheckpointError
+from biosam2.model.sam2_weights import WeightsSource
 
 WEIGHTS_FILE = "biosam2.safetensors"
 CONFIG_FILE = "biosam2.json"
 FORMAT = "biosam2-artifact"
-FORMAT_VERSION = 1
+# 2: a fused LW adapter is a plain nn.Conv2d in its adapter's ``spatial`` slot (format 1 kept it inside
+# the multi-branch block: ``spatial.fused.weight``); format 1 files are read with their names mapped.
+FORMAT_VERSION = 2
+_FUSED_IN_FORMAT_1 = re.compile(r"\.spatial\.fused\.(weight|bias)$")
+
+
+def non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """Names of the floating-point tensors that hold a NaN or an Inf."""
+    return sorted(name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all())
 
 
 def save_artifact(model, directory: str | Path, metadata: dict[str, Any] | None = None) -> Path:
@@ -116,51 +121,8 @@ def _description_problems(description: dict[str, Any]) -> list[str]:
     return problems
 
 
-def load_model(
-    directory: str | Path,
-    base_weights: str | Path | None = None,
-    *,
-    check_fingerprint: bool = True,
-):
-    """Restore a model saved with ``save_pretrained``.
-
-    The frozen SAM2 weights are found again from the reference recorded in the artifact, or taken from
-    ``base_weights`` when given (e.g. the same ``.pt`` file on another machine). Their fingerprint must
-    match the one recorded at save time.
-    """
-    from biosam2.model.factory import assemble
-    from biosam2.model.sam2_weights import load_sam2
-
-    directory = Path(directory)
-    config_path = directory / CONFIG_FILE
-    description = read_artifact_description(directory)
-    try:
-        config = ModelConfig.from_dict(description["model"])
-    except (ConfigError, TypeError, ValueError) as error:
-        raise CheckpointError(f"{config_path}: invalid model options: {error}") from None
-    fused = config.reparameterized
-    config.reparameterized = False
-    recorded = description["base_weights"]
-    from_description = base_weights is None
-    if from_description:
-        base_weights = RANDOM_WEIGHTS if recorded["kind"] == "random" else recorded["reference"]
-    with warnings.catch_warnings():
-        if recorded["kind"] == "random" and base_weights == RANDOM_WEIGHTS:  # already warned when it was trained
-            warnings.simplefilter("ignore", RandomWeightsWarning)
-        try:
-            sam2, source = load_sam2(config.size, base_weights, seed=recorded.get("seed", 0))
-        except CheckpointError as error:
-            if not from_description:
-                raise
-            raise CheckpointError(
-                f"{config_path}: the base SAM2 weights it names cannot be used here: {error}. If you have the "
-                "weights the model was trained on elsewhere, pass them: biosam2 predict --weights PATH, or "
-                "load_model(..., base_weights=PATH)"
-            ) from None
-    model = assemble(config, sam2, source)
-    if fused:
-        model.reparameterize()
-
+def read_trained_tensors(directory: Path, description: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The artifact's tensors, named as this biosam2 names them (``description``: its biosam2.json)."""
     weights_path = directory / WEIGHTS_FILE
     try:
         tensors = safetensors.torch.load_file(weights_path)
@@ -168,21 +130,12 @@ def load_model(
         raise CheckpointError(f"{weights_path}: missing; the artifact is incomplete") from None
     except (SafetensorError, OSError) as error:
         raise CheckpointError(f"{weights_path}: not a readable safetensors file ({error})") from None
-    legacy = model.check_trained_tensors(tensors, f"{weights_path} (described by {CONFIG_FILE})")
-    bad = non_finite(tensors)
-    if bad:
-        raise CheckpointError(f"{weights_path}: {len(bad)} trained tensor(s) hold NaN or Inf values ({', '.join(bad[:4])}); the model diverged")
-    if check_fingerprint and model.base_fingerprint(leave_out=legacy) != description["base_fingerprint"]:
-        raise CheckpointError(
-            f"{directory}: the base SAM2 weights ({source.reference or 'random, seed ' + str(source.seed)}) are not "
-            f"the ones this artifact was trained on ({recorded['reference'] or 'random, seed ' + str(recorded['seed'])}); "
-            "pass the original weights as base_weights"
-        )
-    _load_trained_tensors(model, {k: v for k, v in tensors.items() if k not in legacy}, weights_path)
-    return model
+    if description.get("format_version", 0) < 2:
+        tensors = {_FUSED_IN_FORMAT_1.sub(r".spatial.\1", name): t for name, t in tensors.items()}
+    return tensors
 
 
-def _load_trained_tensors(model, tensors: dict[str, torch.Tensor], path: Path) -> None:
+def load_trained_tensors(model, tensors: dict[str, torch.Tensor]) -> None:
     """Copy the trained tensors in; names and shapes were checked by ``check_trained_tensors``."""
     state = model.state_dict(keep_vars=True)
     with torch.no_grad():

@@ -1,4 +1,6 @@
-"""``build_model``: one factory for biosam2 (HP, LW) and every baseline it is compared against.
+"""Making a model: ``build_model`` (new, on frozen SAM2) and ``load_model`` (from a saved artifact).
+
+One factory for biosam2 (HP, LW) and every baseline it is compared against.
 
 Each variant is frozen SAM2 + the prompt-free multi-class decoder head, plus where training happens:
 
@@ -18,18 +20,28 @@ adapter         trainable, besides the class tokens/MLPs (and the PEG when pos_e
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from torch import nn
 
+from biosam2.errors import CheckpointError, ConfigError
 from biosam2.model.adapters import SPATIAL_MODULES, insert_lora, insert_parallel_adapters
+from biosam2.model.artifact import (
+    CONFIG_FILE,
+    WEIGHTS_FILE,
+    load_trained_tensors,
+    non_finite,
+    read_artifact_description,
+    read_trained_tensors,
+)
 from biosam2.model.config import ModelConfig
 from biosam2.model.decoder import PromptFreeDecoder
 from biosam2.model.encoder import HieraEncoder
-from biosam2.model.sam2_weights import load_sam2
+from biosam2.model.sam2_weights import RandomWeightsWarning, load_sam2
 from biosam2.model.segmenter import BioSAM2
-from biosam2.options import DEFAULT_WEIGHTS
+from biosam2.options import DEFAULT_WEIGHTS, RANDOM_WEIGHTS
 
 METHODS: dict[str, dict[str, Any]] = {
     "biosam2-hp": {"adapter": "hp", "pos_encoding": "peg"},
@@ -87,8 +99,74 @@ def build_model(
     sam2, source = load_sam2(config.size, weights, seed=seed)
     model = assemble(config, sam2, source)
     if reparameterized:
-        model.reparameterize()
+        _fuse(model)
     return model
+
+
+def load_model(
+    directory: str | Path,
+    base_weights: str | Path | None = None,
+    *,
+    check_fingerprint: bool = True,
+) -> BioSAM2:
+    """Restore a model saved with ``save_pretrained``.
+
+    The frozen SAM2 weights are found again from the reference recorded in the artifact, or taken from
+    ``base_weights`` when given (e.g. the same ``.pt`` file on another machine). Their fingerprint must
+    match the one recorded at save time.
+    """
+    directory = Path(directory)
+    config_path = directory / CONFIG_FILE
+    description = read_artifact_description(directory)
+    try:
+        config = ModelConfig.from_dict(description["model"])
+    except (ConfigError, TypeError, ValueError) as error:
+        raise CheckpointError(f"{config_path}: invalid model options: {error}") from None
+    fused = config.reparameterized
+    config.reparameterized = False
+    recorded = description["base_weights"]
+    from_description = base_weights is None
+    if from_description:
+        base_weights = RANDOM_WEIGHTS if recorded["kind"] == "random" else recorded["reference"]
+    with warnings.catch_warnings():
+        if recorded["kind"] == "random" and base_weights == RANDOM_WEIGHTS:  # already warned when it was trained
+            warnings.simplefilter("ignore", RandomWeightsWarning)
+        try:
+            sam2, source = load_sam2(config.size, base_weights, seed=recorded.get("seed", 0))
+        except CheckpointError as error:
+            if not from_description:
+                raise
+            raise CheckpointError(
+                f"{config_path}: the base SAM2 weights it names cannot be used here: {error}. If you have the "
+                "weights the model was trained on elsewhere, pass them: biosam2 predict --weights PATH, or "
+                "load_model(..., base_weights=PATH)"
+            ) from None
+    model = assemble(config, sam2, source)
+    if fused:  # before the tensors are loaded: the artifact holds the fused convolutions
+        _fuse(model)
+
+    weights_path = directory / WEIGHTS_FILE
+    tensors = read_trained_tensors(directory, description)
+    legacy = model.check_trained_tensors(tensors, f"{weights_path} (described by {CONFIG_FILE})")
+    bad = non_finite(tensors)
+    if bad:
+        raise CheckpointError(f"{weights_path}: {len(bad)} trained tensor(s) hold NaN or Inf values ({', '.join(bad[:4])}); the model diverged")
+    if check_fingerprint and model.base_fingerprint(leave_out=legacy) != description["base_fingerprint"]:
+        raise CheckpointError(
+            f"{directory}: the base SAM2 weights ({source.reference or 'random, seed ' + str(source.seed)}) are not "
+            f"the ones this artifact was trained on ({recorded['reference'] or 'random, seed ' + str(recorded['seed'])}); "
+            "pass the original weights as base_weights"
+        )
+    load_trained_tensors(model, {k: v for k, v in tensors.items() if k not in legacy})
+    return model
+
+
+def _fuse(model: BioSAM2) -> None:
+    """Fuse a model that has just been made, keeping its mode. Its BatchNorm statistics are the
+    initial or saved ones, so eval semantics are the ones meant (reparameterize() refuses training mode)."""
+    training = model.training
+    model.eval().reparameterize()
+    model.train(training)
 
 
 def assemble(config: ModelConfig, sam2: nn.Module, source) -> BioSAM2:

@@ -7,16 +7,12 @@ shapes they imply are checked against the official key lists in ``shared/fixture
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-from transformers import (
-    Sam2Config,
-    Sam2HieraDetConfig,
-    Sam2MaskDecoderConfig,
-    Sam2PromptEncoderConfig,
-    Sam2VisionConfig,
-)
+from typing import TYPE_CHECKING
 
 from biosam2.errors import ConfigError
+
+if TYPE_CHECKING:
+    from transformers import Sam2Config
 
 
 @dataclass(frozen=True)
@@ -41,6 +37,9 @@ class Sam2Size:
 
     def transformers_config(self) -> Sam2Config:
         """The ``Sam2Config`` of this size (image model only, 1024-px reference resolution)."""
+        # imported here: the sizes themselves are read by the command line, which must not load transformers
+        from transformers import Sam2Config, Sam2HieraDetConfig, Sam2MaskDecoderConfig, Sam2PromptEncoderConfig, Sam2VisionConfig
+
         backbone = Sam2HieraDetConfig(
             hidden_size=self.embed_dim,
             num_attention_heads=self.num_heads,

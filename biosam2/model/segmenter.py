@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from biosam2.errors import ConfigError
-from biosam2.model.adapters import reparameterize_modules
+from biosam2.model.adapters import RepConv3x3, reparameterize_modules
+from biosam2.model.artifact import save_artifact
 from biosam2.model.config import ModelConfig
 from biosam2.model.decoder import PromptFreeDecoder
 from biosam2.model.encoder import HIERA_TOTAL_STRIDE, HieraEncoder
@@ -24,11 +27,6 @@ def _dtype_kind(tensor: torch.Tensor) -> str:
     if tensor.is_complex():
         return "complex"
     return "bool" if tensor.dtype == torch.bool else "integer"
-
-
-def non_finite(tensors: dict[str, torch.Tensor]) -> list[str]:
-    """Names of the floating-point tensors that hold a NaN or an Inf."""
-    return sorted(name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all())
 
 
 class BioSAM2(nn.Module):
@@ -63,7 +61,9 @@ class BioSAM2(nn.Module):
     def num_classes(self) -> int:
         return self.config.num_classes
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
+    def forward(self, images: torch.Tensor, *, already_resized: bool = False) -> torch.Tensor:
+        """``already_resized``: with ``input_size``, the images are at that scale already (crops cut from
+        resized images, as training makes them), so they run at their own size instead of being squashed."""
         if images.ndim != 4 or images.shape[1] not in (1, 3):
             raise ConfigError(f"expected images of shape (B, 1 or 3, H, W), got {tuple(images.shape)}")
         if not images.is_floating_point():
@@ -73,7 +73,8 @@ class BioSAM2(nn.Module):
             images = images.expand(-1, 3, -1, -1)
         pixels = (images - self.pixel_mean.to(images.dtype)) / self.pixel_std.to(images.dtype)
 
-        if self.config.input_size is not None:  # SAM2's own way: squash to a fixed square
+        resize = self.config.input_size is not None and not already_resized
+        if resize:  # SAM2's own way: squash to a fixed square
             side = self.config.input_size
             pixels = F.interpolate(pixels, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
         else:  # native resolution: pad with zeros (= the mean colour) to the stride Hiera needs
@@ -83,18 +84,30 @@ class BioSAM2(nn.Module):
 
         logits = self.decoder(self.encoder(pixels))  # (B, N, H'/4, W'/4)
         logits = F.interpolate(logits, size=pixels.shape[-2:], mode="bilinear", align_corners=False)
-        if self.config.input_size is not None:
+        if resize:
             return F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
         return logits[..., :height, :width]
 
     @torch.no_grad()
-    def reparameterize(self) -> BioSAM2:
-        """Fuse every LW adapter into a single 3x3 convolution, in place (inference form)."""
+    def reparameterize(self, inplace: bool = True) -> BioSAM2:
+        """Replace every LW adapter's multi-branch block by one ``nn.Conv2d`` (the inference form).
+
+        The fused convolution holds BatchNorm's running statistics: what the model computes in eval
+        mode. In training mode BatchNorm uses each batch's own statistics instead, so fusing then would
+        silently change the model's output: refused. ``inplace=False`` returns a fused copy and leaves
+        this model as it is.
+        """
         if self.config.adapter != "lw":
             raise ConfigError(f"reparameterize() fuses LW adapters; this model has adapter={self.config.adapter!r}")
-        reparameterize_modules(self)
-        self.config.reparameterized = True
-        return self
+        if any(m.training for m in self.modules() if isinstance(m, RepConv3x3)):
+            raise ConfigError(
+                "reparameterize() fuses with BatchNorm's running statistics, as the model computes in eval mode, "
+                "but the model is in training mode (batch statistics): call model.eval() first"
+            )
+        model = self if inplace else copy.deepcopy(self)
+        reparameterize_modules(model)
+        model.config.reparameterized = True
+        return model
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> None:
         """Recompute encoder blocks in the backward pass: less memory for larger batches or images."""
@@ -186,6 +199,4 @@ class BioSAM2(nn.Module):
 
     def save_pretrained(self, directory, metadata: dict | None = None) -> None:
         """Write the trained tensors (safetensors) and a JSON config naming the base SAM2 weights."""
-        from biosam2.model.artifact import save_artifact
-
         save_artifact(self, directory, metadata)

@@ -10,24 +10,26 @@ import yaml
 
 from biosam2.errors import ConfigError
 from biosam2.model.config import ModelConfig
-from biosam2.options import DEFAULT_WEIGHTS, LOSSES, PRECISIONS, RANDOM_WEIGHTS
+from biosam2.options import DEFAULT_WEIGHTS, INPUT_MODES, LOSSES, PRECISIONS, RANDOM_WEIGHTS
 
 
 @dataclass
 class TrainConfig:
-    # model (see biosam2.build_model)
-    size: str = "tiny"
+    # model (see biosam2.build_model); defaults are ModelConfig's
+    size: str = ModelConfig.size
     # "hf" (pretrained SAM2.1, the default), "meta", a hub id, a path, or "random". Runs saved before
     # "random" existed wrote null for random weights: null still means random, so they resume as trained.
     weights: str | None = DEFAULT_WEIGHTS
-    adapter: str = "hp"
-    pos_encoding: str = "peg"
-    adapter_ratio: float = 0.25
-    adapter_scale: float = 0.5
-    adapter_blocks: list[int] | None = None
-    lora_rank: int = 8
-    lora_alpha: float = 8.0
-    input_size: int | None = None  # resize every image to this square (model and training data alike)
+    adapter: str = ModelConfig.adapter
+    pos_encoding: str = ModelConfig.pos_encoding
+    adapter_ratio: float = ModelConfig.adapter_ratio
+    adapter_scale: float = ModelConfig.adapter_scale
+    adapter_blocks: list[int] | None = ModelConfig.adapter_blocks
+    lora_rank: int = ModelConfig.lora_rank
+    lora_alpha: float = ModelConfig.lora_alpha
+    # resize every image to this square (model and training data alike); crops are then cut from the
+    # resized image (G-SAM's ISBI recipe: input_size 256, input_mode crop, patch_size 128)
+    input_size: int | None = ModelConfig.input_size
     # optimisation: Adam, lr 1e-4, cosine to 0, 200 epochs, batch 8, cross-entropy (the paper's/G-SAM's)
     epochs: int = 200
     batch_size: int = 8
@@ -37,7 +39,7 @@ class TrainConfig:
     # data
     fold: int = 0
     patch_size: int = 256
-    input_mode: str = "crop"  # "crop": random patch_size crops; "resize": whole image resized
+    input_mode: str = "crop"  # "crop": random patch_size crops; "resize": whole image resized to patch_size
     augment: bool = True
     limit_train_batches: int | None = None  # cap on steps per epoch (quick runs)
     # run
@@ -61,8 +63,8 @@ class TrainConfig:
             raise ConfigError(f"loss={self.loss!r}: choose one of {', '.join(LOSSES)}")
         if self.precision not in PRECISIONS:
             raise ConfigError(f"precision={self.precision!r}: choose one of {', '.join(PRECISIONS)}")
-        if self.input_mode not in ("crop", "resize"):
-            raise ConfigError(f"input_mode={self.input_mode!r}: choose crop or resize")
+        if self.input_mode not in INPUT_MODES:
+            raise ConfigError(f"input_mode={self.input_mode!r}: choose one of {', '.join(INPUT_MODES)}")
         for name in ("epochs", "batch_size", "patch_size", "val_every"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)}: must be at least 1")

@@ -16,7 +16,8 @@ from biosam2.data.dataset_format import IGNORE_INDEX
 from biosam2.errors import CheckpointError, TrainingDiverged
 from biosam2.evaluation.metrics import iou_from_confusion
 from biosam2.inference.predictor import Predictor
-from biosam2.model.segmenter import BioSAM2, non_finite
+from biosam2.model.artifact import non_finite
+from biosam2.model.segmenter import BioSAM2
 from biosam2.training.config import TrainConfig
 
 
@@ -64,7 +65,8 @@ class SegmentationModule(L.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_index: int) -> torch.Tensor:
         images, labels = batch
-        loss = self.loss(self.model(images), labels)
+        # crops are cut from images already resized to input_size (SliceDataset's resize_to): not squashed again
+        loss = self.loss(self.model(images, already_resized=self.config.input_mode == "crop"), labels)
         self._last_loss = loss.detach()
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=images.shape[0], sync_dist=True)
         return loss

@@ -25,12 +25,11 @@ import logging
 import math
 import time
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger
@@ -49,7 +48,8 @@ from biosam2.data.cases import Case, load_case, resolve_normalization
 from biosam2.data.dataset_format import CaseFiles, DatasetSpec, load_dataset_spec
 from biosam2.data.image_io import IMAGE_2D_ENDINGS, write_like
 from biosam2.data.normalization import Normalization
-from biosam2.errors import CheckpointError, ConfigError, DataError, TrainingDiverged
+from biosam2.data.splits import Split, resolve_split
+from biosam2.errors import CheckpointError, ConfigError, TrainingDiverged
 from biosam2.inference.predictor import Predictor
 from biosam2.model.factory import build_model, count_parameters
 from biosam2.model.sam2_weights import prepare_weights
@@ -57,7 +57,7 @@ from biosam2.training.config import TrainConfig
 from biosam2.training.data_module import SegmentationData
 from biosam2.training.distributed import is_first_process
 from biosam2.training.module import SegmentationModule, check_checkpoint
-from biosam2.training.plots import plot_learning_curves, write_overlay
+from biosam2.visualization import plot_learning_curves, write_overlay
 
 log = logging.getLogger("biosam2")
 
@@ -162,44 +162,6 @@ class ResumePoint(Callback):
                 saved = torch.load(self.path, map_location="cpu", weights_only=True)
                 finished = saved.get("epoch", 0) + 1 if saved.get("global_step", 0) > 0 else 0
             log.warning("interrupted: %s holds the state after %d finished epoch(s); continue with --resume", self.path, finished)
-
-
-@dataclass
-class Split:
-    train: list[CaseFiles]
-    val: list[CaseFiles]
-    test: list[CaseFiles]
-    note: str
-
-
-def resolve_split(spec: DatasetSpec, fold: int, seed: int) -> Split:
-    """Train/val from splits_final.json (or a seeded 80/20 split, said so), test from imagesTs."""
-    cases = {c.case_id: c for c in spec.list_cases("train")}
-    if not cases:
-        raise DataError(f"{spec.root / 'imagesTr'}: no training cases (expected CASE_0000{spec.file_ending} files)")
-    folds = spec.load_splits()
-    if folds:
-        if not 0 <= fold < len(folds):
-            raise ConfigError(f"fold={fold}: {spec.root / 'splits_final.json'} has folds 0..{len(folds) - 1}")
-        chosen = folds[fold]
-        unknown = sorted(set(chosen["train"] + chosen["val"]) - set(cases))
-        if unknown:
-            raise DataError(f"{spec.root / 'splits_final.json'}: cases not in imagesTr: {', '.join(unknown[:8])}")
-        overlap = sorted(set(chosen["train"]) & set(chosen["val"]))
-        if overlap:
-            raise DataError(f"{spec.root / 'splits_final.json'}: cases in both train and val: {', '.join(overlap[:8])}")
-        train_ids, val_ids, note = chosen["train"], chosen["val"], f"fold {fold} of splits_final.json"
-    else:
-        ids = sorted(cases)
-        order = np.random.default_rng(seed).permutation(len(ids))
-        n_val = max(1, round(0.2 * len(ids)))
-        val_ids = sorted(ids[i] for i in order[:n_val])
-        train_ids = sorted(ids[i] for i in order[n_val:])
-        note = f"no splits_final.json: seeded (seed {seed}) random 80/20 train/val split of imagesTr"
-    if not train_ids or not val_ids:
-        raise DataError(f"{spec.root}: the split leaves no {'training' if not train_ids else 'validation'} cases")
-    test = [c for c in spec.list_cases("test") if c.label is not None]
-    return Split([cases[i] for i in train_ids], [cases[i] for i in val_ids], test, note)
 
 
 def precision_for(config: TrainConfig) -> str:

@@ -29,7 +29,8 @@ def _fold_batch_norm(kernel: torch.Tensor, bn: nn.BatchNorm2d) -> tuple[torch.Te
 
 
 class RepConv3x3(nn.Module):
-    """Multi-branch 3x3 block on (B, C, H, W) that ``reparameterize()`` turns into one ``nn.Conv2d``."""
+    """Multi-branch 3x3 block on (B, C, H, W); :func:`reparameterize_modules` puts the one
+    ``nn.Conv2d`` that :meth:`fuse` returns in its place (as timm's re-parameterisable blocks)."""
 
     def __init__(self, channels: int):
         super().__init__()
@@ -37,15 +38,8 @@ class RepConv3x3(nn.Module):
         self.branch_3x3 = _conv_bn(channels, 3)
         self.branch_1x1 = _conv_bn(channels, 1)
         self.branch_identity = nn.BatchNorm2d(channels)
-        self.fused: nn.Conv2d | None = None
-
-    @property
-    def is_fused(self) -> bool:
-        return self.fused is not None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fused is not None:
-            return self.fused(x)
         return self.branch_3x3(x) + self.branch_1x1(x) + self.branch_identity(x)
 
     @torch.no_grad()
@@ -59,22 +53,21 @@ class RepConv3x3(nn.Module):
         return kernel_3x3 + kernel_1x1 + kernel_id, bias_3x3 + bias_1x1 + bias_id
 
     @torch.no_grad()
-    def reparameterize(self) -> None:
-        """Replace the branches, in place, by the single equivalent 3x3 convolution (eval semantics)."""
-        if self.fused is not None:
-            return
+    def fuse(self) -> nn.Conv2d:
+        """The single 3x3 convolution that computes what this block computes in eval mode."""
         kernel, bias = self.fused_kernel_and_bias()
-        fused = nn.Conv2d(self.channels, self.channels, 3, padding=1, bias=True)
-        fused.to(device=kernel.device, dtype=kernel.dtype)
+        fused = nn.Conv2d(self.channels, self.channels, 3, padding=1, bias=True, device=kernel.device, dtype=kernel.dtype)
         fused.weight.copy_(kernel)
         fused.bias.copy_(bias)
-        del self.branch_3x3, self.branch_1x1, self.branch_identity
-        self.fused = fused
+        return fused
 
 
 def reparameterize_modules(module: nn.Module) -> int:
-    """Fuse every ``RepConv3x3`` inside ``module`` in place; returns how many were fused."""
-    blocks = [m for m in module.modules() if isinstance(m, RepConv3x3) and not m.is_fused]
-    for block in blocks:
-        block.reparameterize()
+    """Replace every ``RepConv3x3`` inside ``module`` by its fused ``nn.Conv2d``; returns how many."""
+    if isinstance(module, RepConv3x3):
+        raise TypeError("a RepConv3x3 cannot replace itself: use block.fuse(), or pass the module that holds it")
+    blocks = [(name, m) for name, m in module.named_modules() if isinstance(m, RepConv3x3)]
+    for name, block in blocks:
+        parent, _, attribute = name.rpartition(".")
+        setattr(module.get_submodule(parent), attribute, block.fuse())
     return len(blocks)

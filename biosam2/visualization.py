@@ -1,4 +1,7 @@
-"""Pictures for the run directory: learning curves and prediction overlays (PNG)."""
+"""Pictures (PNG): learning curves of a run, and image | ground truth | prediction overlays.
+
+Used by training (the run directory) and by prediction (``--overlays``).
+"""
 
 from __future__ import annotations
 
