@@ -43,13 +43,15 @@ def test_tiles_are_blended_as_monai_sliding_window_inference(model, shape):
         logits = sliding_window_inference(torch.from_numpy(image)[None], (64, 64), 1, model, overlap=0.25, mode="gaussian")
     expected = torch.softmax(logits, 1)[0].numpy()
     assert labels.shape == shape and labels.dtype == np.uint8
-    error = np.abs(probabilities - expected).max()
-    assert error < 5e-5  # float16 sums (measured 1.0e-5 here)
-    # the labels agree wherever that error cannot swap the two most likely classes (a random model's
-    # probabilities are close to uniform, so this is a real share of the pixels, not all of them)
+    assert np.abs(probabilities - expected).max() < 1e-6  # written probabilities: float32 sums
+    assert np.array_equal(labels, probabilities.argmax(0))
+    # Without probabilities the sums are float16: the labels agree wherever float16 rounding cannot
+    # swap the two most likely classes (a random model's probabilities are close to uniform, so this
+    # is a real share of the pixels, not all of them).
+    fast, _ = Predictor(model, device="cpu", max_side=64, tile_size=64).predict(image)
     top_two = np.sort(expected, axis=0)[-2:]
-    clear = top_two[1] - top_two[0] > 2 * error
-    assert clear.mean() > 0.9 and np.array_equal(labels[clear], expected.argmax(0)[clear])
+    clear = top_two[1] - top_two[0] > 1e-4
+    assert clear.mean() > 0.8 and np.array_equal(fast[clear], expected.argmax(0)[clear])
     # and it really is tiled: the whole image in one pass gives other numbers at the tile seams
     whole, _ = Predictor(model, device="cpu").predict(image, return_probabilities=True)
     assert not np.array_equal(whole, labels)

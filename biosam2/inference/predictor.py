@@ -11,8 +11,10 @@
 
 Memory: whole-image arrays are kept to what the result needs. Label maps are uint8 (uint16 above
 256 classes), taken by argmax in row bands (never an int64 map); probabilities are computed only when
-asked for. Tiles are blended into a float16 sum of Gaussian-weighted logits, as nnU-Net v2
-accumulates its sliding-window logits in half precision; the argmax needs no division by the weights.
+asked for. Tiles are blended into a sum of Gaussian-weighted logits; the argmax needs no division by
+the weights. Without probabilities that sum is float16, as nnU-Net v2 accumulates its sliding-window
+logits (a label can differ from a float32 sum only where two classes are within float16 rounding);
+when probabilities are written it is float32, so they equal MONAI's blend to float rounding.
 """
 
 from __future__ import annotations
@@ -73,8 +75,9 @@ class Predictor:
         return _argmax_labels(probabilities), probabilities.cpu().numpy()
 
     def _blended_tiles(self, batch: torch.Tensor, with_weights: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Gaussian-weighted sum of the tiles' logits (float16, (B, N, H, W)) and, if asked, the sum of
-        the weights at each pixel ((1, 1, H, W), float32): their ratio is MONAI's blended logits."""
+        """Gaussian-weighted sum of the tiles' logits ((B, N, H, W); float16 unless ``with_weights``) and,
+        if asked, the sum of the weights at each pixel ((1, 1, H, W), float32): their ratio is MONAI's
+        blended logits."""
         from monai.data.utils import compute_importance_map, dense_patch_slices
 
         height, width = batch.shape[-2:]
@@ -87,10 +90,11 @@ class Predictor:
             with self._autocast():
                 logits = self.model(batch[(slice(None), slice(None), *window)])
             if total is None:
-                total = torch.zeros((batch.shape[0], logits.shape[1], height, width), dtype=torch.float16, device=self.device)
+                dtype = torch.float32 if with_weights else torch.float16
+                total = torch.zeros((batch.shape[0], logits.shape[1], height, width), dtype=dtype, device=self.device)
                 if with_weights:
                     weights = torch.zeros((1, 1, height, width), dtype=torch.float32, device=self.device)
-            total[(slice(None), slice(None), *window)] += (logits.float() * weight).half()
+            total[(slice(None), slice(None), *window)] += (logits.float() * weight).to(total.dtype)
             if weights is not None:
                 weights[(slice(None), slice(None), *window)] += weight
         return total, weights
