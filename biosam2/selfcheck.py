@@ -55,13 +55,13 @@ class Plan:
     bench_configs: tuple[str, ...]
     bench_vanilla_size: int
     bench_rounds: int
-    bench_repeats: int
+    bench_seconds: float  # torch.utils.benchmark's min_run_time per row
 
 
 FULL = Plan(
-    16, 2, 4, 224, 128, 4, 4, (256,), ("vanilla-sam2", "peg-only", "biosam2-lw", "biosam2-lw-fused", "biosam2-hp"), 1024, 3, 5
+    16, 2, 4, 224, 128, 4, 4, (256,), ("vanilla-sam2", "peg-only", "biosam2-lw", "biosam2-lw-fused", "biosam2-hp"), 1024, 3, 2.0
 )
-QUICK = Plan(4, 1, 2, 96, 64, 2, 2, (64,), ("biosam2-lw-fused", "biosam2-hp"), 64, 0, 1)
+QUICK = Plan(4, 1, 2, 96, 64, 2, 2, (64,), ("biosam2-lw-fused", "biosam2-hp"), 64, 0, 0.0)
 
 
 @dataclass
@@ -231,12 +231,9 @@ class SelfCheck:
         argv = [
             "--device", self.device, "--dtype", "bf16" if self.precision == "bf16-mixed" else "fp32",
             "--sizes", *map(str, plan.bench_sizes), "--configs", *plan.bench_configs, "--vanilla-size", str(plan.bench_vanilla_size),
-            "--interleaved-rounds", str(plan.bench_rounds), "--repeats", str(plan.bench_repeats), "--min-repeats", "1",
-            "--train-repeats", "1", "--time-budget", "5", "--min-cpu-share", "0",
+            "--interleaved-rounds", str(plan.bench_rounds), "--min-run-time", str(plan.bench_seconds),
             "--json", str(folder / "efficiency.json"), "--markdown", str(folder / "efficiency.md"),
         ]  # fmt: skip
-        if self.device == "cpu" or plan is QUICK:
-            argv += ["--matmul-size", "256"]  # the throughput probe is context only; a small one is enough here
         parser = argparse.ArgumentParser(prog="biosam2 bench efficiency")
         efficiency.configure_parser(parser)
         folder.mkdir(parents=True, exist_ok=True)

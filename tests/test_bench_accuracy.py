@@ -32,6 +32,7 @@ from biosam2.bench.accuracy import (
     schedule,
     shipped_grids,
 )
+from biosam2.bench import describe_machine
 from biosam2.errors import ConfigError
 from biosam2.training.config import TrainConfig
 
@@ -65,7 +66,9 @@ def minimal_grid(dataset_path: str = "/nowhere/data", **changes) -> dict:
     ("change", "key", "message"),
     [
         ({"bogus": 1}, "", "unknown key(s) bogus"),
-        ({"seeds": []}, "seeds", "non-empty list of integers"),
+        ({"seeds": []}, "seeds", "at least 1 item"),
+        ({"seeds": [0, True]}, "seeds[1]", "valid integer (got True)"),
+        ({"seeds": [1, 1]}, "seeds", "listed twice"),
         ({"defaults": {"epochz": 3}}, "defaults", "unknown option(s) epochz"),
         ({"defaults": {"seed": 3}}, "defaults.seed", "comes from `seeds:`"),
         ({"defaults": {"loss": "focal"}}, "defaults", "loss='focal'"),
@@ -76,7 +79,7 @@ def minimal_grid(dataset_path: str = "/nowhere/data", **changes) -> dict:
             "datasets.syn.convert.options",
             "no option(s) nope",
         ),
-        ({"datasets": {"syn": {"convert": {"name": "kvasir-seg", "src": "y", "limit": 0}}}}, "datasets.syn.convert.limit", "positive integer"),
+        ({"datasets": {"syn": {"convert": {"name": "kvasir-seg", "src": "y", "limit": 0}}}}, "datasets.syn.convert.limit", "greater than or equal to 1 (got 0)"),
         ({"datasets": {"syn": {"path": "x", "train": {"patch_size": 0}}}}, "datasets.syn.train", "patch_size=0"),
         ({"datasets": {"bad name": {"path": "x"}}}, "datasets.bad name", "not a usable name"),
         ({"methods": {"vanilla-sam2": {"preset": "nope"}}}, "methods.vanilla-sam2.preset", "'nope'"),
@@ -231,6 +234,13 @@ def _fabricate(out: Path, grid, cell: Cell, miou: float, dice: float | None, hd9
     (run / "run.json").write_text(json.dumps({"split": {"train": ["x"] * 4, "val": ["y"], "test": ["z"] * 3}}))
 
 
+def _aggregate(grid, out: Path) -> None:
+    """The tables of fabricated runs, without training the cells that are still new."""
+    invocation = {"command": "biosam2 bench accuracy grid.yaml", "machine": describe_machine(), "cells_trained": 0,
+                  "wall_seconds": 1.0}
+    accuracy.aggregate(grid, out, invocation)
+
+
 def test_aggregation_means_stds_counts_and_missing_cells(tmp_path):
     path = write_grid(tmp_path, {
         "seeds": [0, 1, 2],
@@ -249,7 +259,7 @@ def test_aggregation_means_stds_counts_and_missing_cells(tmp_path):
     failure.parent.mkdir(parents=True)
     failure.write_text(json.dumps({"error": "RuntimeError: boom"}))
 
-    assert run_from_args(parse(path, "--out", out, "--aggregate-only")) == 0
+    _aggregate(grid, out)
     results = json.loads((out / "results.json").read_text())
     cell = results["tables"]["miou"]["rows"]["a"]["d1"]
     assert cell["n"] == 3 and cell["expected"] == 3
@@ -284,27 +294,17 @@ def test_hd95_is_reported_in_the_unit_the_evaluations_give(tmp_path):
     out = tmp_path / "out"
     _fabricate(out, grid, Cell("vol", "vanilla-sam2", 0), 0.5, dice=0.6, hd95=4.0, unit="voxels")
     _fabricate(out, grid, Cell("ct", "vanilla-sam2", 0), 0.5, dice=0.6, hd95=2.5, unit="mm")
-    assert run_from_args(parse(path, "--out", out, "--aggregate-only")) == 0
+    _aggregate(grid, out)
     results = json.loads((out / "results.json").read_text())
-    assert results["hd95_units"]["vol"] == {"unit": "voxels", "note": "no physical spacing: distances in image grid units"}
-    assert results["hd95_units"]["ct"] == {"unit": "mm", "note": None}
-    markdown = (out / "results.md").read_text()
-    assert "| method | vol [voxels] | ct [mm] |" in markdown
-    assert "- vol: no physical spacing: distances in image grid units" in markdown and "- ct:" not in markdown
+    assert results["hd95_units"] == {"vol": {"unit": "voxels"}, "ct": {"unit": "mm"}}
+    assert "| method | vol [voxels] | ct [mm] |" in (out / "results.md").read_text()
 
 
-def test_aggregate_only_needs_an_output_folder_with_runs(tmp_path):
-    path = write_grid(tmp_path, minimal_grid())
-    with pytest.raises(ConfigError, match="nothing to aggregate"):
-        run_from_args(parse(path, "--out", tmp_path / "none", "--aggregate-only"))
-
-
-def test_missing_data_stops_clearly_or_is_skipped(tmp_path):
+def test_missing_data_stops_clearly_before_anything_runs(tmp_path):
     path = write_grid(tmp_path, minimal_grid(dataset_path=str(tmp_path / "absent")))
-    with pytest.raises(ConfigError, match=r"data not found \(syn: .*absent holds no dataset.json\).*--data-root"):
+    with pytest.raises(ConfigError, match=r"data not found \(syn: .*absent holds no dataset.json\).*--data-root.*--only"):
         run_from_args(parse(path, "--out", tmp_path / "out"))
-    assert run_from_args(parse(path, "--out", tmp_path / "out", "--skip-missing-data")) == 0
-    assert "not run" in (tmp_path / "out" / "results.md").read_text()
+    assert not (tmp_path / "out").exists()  # refused before anything is written
 
 
 def test_dry_run_lists_datasets_and_cell_states_and_changes_nothing(tmp_path, capsys):
@@ -373,8 +373,8 @@ def test_workers_are_pinned_to_their_gpu_by_environment(tmp_path):
     grid = load_grid(write_grid(tmp_path, minimal_grid()))
     launcher = SubprocessLauncher(grid, tmp_path / "out", parent_visible_devices=None)
     command = launcher.command(Cell("syn", "biosam2-lw", 1))
-    assert command[1:3] == ["-m", "biosam2.bench.accuracy"] and command[command.index("--run-cell") + 1] == "syn/biosam2-lw/seed1"
-    assert command[3] == str(grid.file) and Path(command[command.index("--data-root") + 1]).is_absolute()
+    assert command[1:5] == ["-m", "biosam2", "bench", "accuracy"] and command[command.index("--run-cell") + 1] == "syn/biosam2-lw/seed1"
+    assert command[5] == str(grid.file) and Path(command[command.index("--data-root") + 1]).is_absolute()
     assert launcher.environment("1")["CUDA_VISIBLE_DEVICES"] == "1"
     # under a scheduler that already restricts devices, index 1 is the second visible one
     assert physical_gpu("1", "4,5") == "5" and physical_gpu("0", "") == "0"
@@ -390,7 +390,7 @@ def test_stopping_workers_interrupts_them_like_ctrl_c(tmp_path):
 
     grid = load_grid(write_grid(tmp_path, minimal_grid()))
     launcher = SubprocessLauncher(grid, tmp_path / "out")
-    # A stand-in worker; like the real one (python -m biosam2.bench.accuracy) it takes SIGINT as Ctrl-C
+    # A stand-in worker; like the real one (python -m biosam2 bench accuracy --run-cell) it takes SIGINT as Ctrl-C
     # even when the suite runs with SIGINT ignored (nohup ... &).
     code = ("import signal, time\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n"
             "try:\n    time.sleep(60)\nexcept KeyboardInterrupt:\n    raise SystemExit(42)")
@@ -462,7 +462,7 @@ def test_a_tiny_grid_runs_resumes_skips_and_aggregates(tiny_grid, monkeypatch):
     assert results["hd95_units"]["syn"]["unit"] == "pixels"
     assert (out / "grid.yaml").read_text() == path.read_text()
     markdown = (out / "results.md").read_text()
-    assert "## Ablations" in markdown and "LW vs decoder-only" in markdown and "| LW |" in markdown
+    assert "## Ablation: LW vs decoder-only" in markdown and "| LW |" in markdown
 
     # again: nothing is trained, nothing is rewritten
     stamps = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/*/metrics.json")}
@@ -475,15 +475,9 @@ def test_a_tiny_grid_runs_resumes_skips_and_aggregates(tiny_grid, monkeypatch):
     (out / "runs/syn/biosam2-lw/seed0/metrics.json").unlink()
     assert run_from_args(parse(path, "--out", out, "--only", "syn/biosam2-*")) == 0
     assert calls == [("runs/syn/biosam2-lw/seed0", True)]
-    history = [json.loads(line) for line in (out / "invocations.jsonl").read_text().splitlines()]
-    assert [h["cells_trained"] for h in history] == [2, 0, 1]
-    assert all(h["cpu_seconds"] >= 0 and h["load_average"]["end"] is not None for h in history)
-
-    # --aggregate-only reports the last run, and is not itself a run of the history
-    assert run_from_args(parse(path, "--out", out, "--aggregate-only")) == 0
-    assert len((out / "invocations.jsonl").read_text().splitlines()) == 3
-    markdown = (out / "results.md").read_text()
-    assert "this invocation only aggregated; the last run" in markdown and "(the last run that trained cells)" in markdown
+    results = json.loads((out / "results.json").read_text())
+    assert results["cells_trained"] == 1 and results["interrupted"] is False
+    assert results["command"].endswith("--only 'syn/biosam2-*'")
 
 
 def test_a_failed_cell_is_recorded_and_the_grid_goes_on(tiny_grid, monkeypatch, tmp_path):
@@ -518,8 +512,7 @@ def test_gpu_workers_run_cells_in_separate_processes(tiny_grid, monkeypatch, tmp
     for method in ("vanilla-sam2", "biosam2-lw"):
         log = Cell("syn", method, 0).log_file(out).read_text()
         assert "--run-cell syn/" + method in log and "finished" in log
-    outcomes = [json.loads(line) for line in (out / "invocations.jsonl").read_text().splitlines()][-1]
-    assert outcomes["cells_trained"] == 2
+    assert json.loads((out / "results.json").read_text())["cells_trained"] == 2
 
 
 def test_a_converted_dataset_is_made_once_and_reused(tmp_path, monkeypatch):
@@ -556,9 +549,9 @@ def test_cpu_smoke_grid_lists_its_cells_on_the_shared_data(tmp_path, capsys):
 
 
 def test_math_of_summary_with_one_value_has_no_std():
-    summary = accuracy.Summary([0.5], expected=2, states={FINISHED: 1, NEW: 1})
-    assert summary.std is None and summary.format(100) == "50.00 (n=1/2)"
-    assert math.isclose(accuracy.Summary([0.1, 0.3], 2, {}).std, math.sqrt(0.02))
+    one = accuracy.summary([0.5], expected=2, states={FINISHED: 1, NEW: 1}, scale=100)
+    assert one["std"] is None and one["text"] == "50.00 (n=1/2)"
+    assert math.isclose(accuracy.summary([0.1, 0.3], 2, {})["std"], math.sqrt(0.02))
 
 
 def test_a_worker_started_with_sigint_ignored_still_stops_on_one_sigint(tmp_path):
@@ -566,7 +559,6 @@ def test_a_worker_started_with_sigint_ignored_still_stops_on_one_sigint(tmp_path
     since the launcher stops them with exactly one SIGINT each."""
     import signal
     import subprocess
-    import sys
 
     from biosam2.data.synthetic import write_synthetic_dataset
 

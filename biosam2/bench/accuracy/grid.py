@@ -1,89 +1,83 @@
-"""The grid file: its schema, the dataclasses it loads into, and the checks that name the file and key.
-
-The schema itself is documented in the package docstring (:mod:`biosam2.bench.accuracy`).
-"""
+"""The grid file (schema in the README, "Accuracy grids"): pydantic models of its blocks, the checks
+that need the rest of biosam2 (training options, converters, presets), and every error naming the file
+and the key."""
 
 from __future__ import annotations
 
 import hashlib
-import re
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints, ValidationError
 
 from biosam2.errors import ConfigError
 from biosam2.options import RANDOM_WEIGHTS
 
 GRIDS_DIR = Path(__file__).resolve().parent.parent / "grids"
-NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")
-
-_TOP_KEYS = {"name", "description", "data_root", "seeds", "defaults", "datasets", "methods", "ablations"}
-_DATASET_KEYS = {"label", "convert", "path", "train", "note"}
-_CONVERT_KEYS = {"name", "src", "limit", "seed", "options"}
-_METHOD_KEYS = {"label", "preset", "train", "datasets", "note"}
-_ABLATION_KEYS = {"title", "methods", "datasets", "note"}
+Name = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")]  # it becomes a folder
+Names = Annotated[list[str], Field(min_length=1)]
 
 
-# ---- the grid -----------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ConvertSource:
-    """How a dataset is obtained: ``convert_dataset(name, src, OUT/data/<dataset>, seed=, limit=, **options)``."""
+class _Block(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ConvertSource(_Block):
+    """How a dataset is made: ``convert_dataset(name, src, OUT/data/<dataset>, seed=, limit=, **options)``."""
 
     name: str
     src: Path
-    limit: int | None
-    seed: int
-    options: dict[str, Any]
+    limit: Annotated[StrictInt, Field(ge=1)] | None = None
+    seed: StrictInt = 0
+    options: dict[str, Any] = {}
 
     def identity(self) -> dict[str, Any]:
-        """What makes two conversions the same data; ``src`` is left out so that moving the source
-        folder (another ``--data-root``) does not force a reconversion of identical files; the
-        converters' format version is in, so that a converter that changed does."""
+        """What makes two conversions the same data: not ``src`` (moving the sources changes nothing),
+        but the converters' format version (a changed converter does)."""
         from biosam2.data.convert import CONVERTER_FORMAT_VERSION
 
-        return {
-            "name": self.name, "limit": self.limit, "seed": self.seed, "options": self.options,
-            "format_version": CONVERTER_FORMAT_VERSION,
-        }
+        return self.model_dump(exclude={"src"}) | {"format_version": CONVERTER_FORMAT_VERSION}
 
 
-@dataclass(frozen=True)
-class DatasetEntry:
-    name: str
-    label: str
-    convert: ConvertSource | None
-    path: Path | None
-    train: dict[str, Any]
+class DatasetEntry(_Block):
+    name: str = ""  # the key in `datasets:`
+    label: str | None = None
+    convert: ConvertSource | None = None
+    path: Path | None = None
+    train: dict[str, Any] = {}
     note: str | None = None
 
-    def source(self) -> Path:
-        """The folder that must exist for this dataset to be usable (the converter's input or the dataset)."""
-        return self.convert.src if self.convert else self.path  # type: ignore[return-value]
-
-    def location(self, out: Path) -> Path:
-        """Where cells read the dataset from."""
-        return out / "data" / self.name if self.convert else self.path  # type: ignore[return-value]
+    def location(self, out: Path) -> Path:  # where cells read the dataset from
+        return out / "data" / self.name if self.convert else self.path
 
 
-@dataclass(frozen=True)
-class MethodEntry:
-    name: str
-    label: str
-    preset: str | None
-    train: dict[str, Any]
-    datasets: tuple[str, ...] | None
+class MethodEntry(_Block):
+    name: str = ""
+    label: str | None = None
+    preset: str | None = None  # a key of biosam2.model.factory.METHODS; default: the method's name, if it is one
+    train: dict[str, Any] = {}
+    datasets: Names | None = None
     note: str | None = None
 
 
-@dataclass(frozen=True)
-class AblationEntry:
-    title: str
-    methods: tuple[str, ...]
-    datasets: tuple[str, ...]
+class AblationEntry(_Block):
+    title: Annotated[str, Field(min_length=1)]
+    methods: Annotated[list[str], Field(min_length=2)]
+    datasets: Names | None = None  # default: every dataset all its methods run on
     note: str | None = None
+
+
+class GridFile(_Block):
+    name: Name | None = None
+    description: str = ""
+    data_root: str = "."
+    seeds: Annotated[list[StrictInt], Field(min_length=1)]
+    defaults: dict[str, Any] = {}
+    datasets: Annotated[dict[Name, DatasetEntry], Field(min_length=1)]
+    methods: Annotated[dict[Name, MethodEntry], Field(min_length=1)]
+    ablations: list[AblationEntry] = []
 
 
 @dataclass(frozen=True)
@@ -121,21 +115,14 @@ class Grid:
     ablations: list[AblationEntry]
 
     def method_runs_on(self, method: str, dataset: str) -> bool:
-        chosen = self.methods[method].datasets
-        return chosen is None or dataset in chosen
+        return self.methods[method].datasets is None or dataset in self.methods[method].datasets
 
     def cells(self) -> list[Cell]:
         """Every cell, seed first: an interrupted grid has complete tables for its first seeds."""
-        return [
-            Cell(dataset, method, seed)
-            for seed in self.seeds
-            for dataset in self.datasets
-            for method in self.methods
-            if self.method_runs_on(method, dataset)
-        ]
+        return [Cell(d, m, s) for s in self.seeds for d in self.datasets for m in self.methods if self.method_runs_on(m, d)]
 
     def options(self, dataset: str, method: str, seed: int) -> dict[str, Any]:
-        """The cell's TrainConfig options, merged in the documented order."""
+        """The cell's TrainConfig options: defaults < dataset's train < method's preset < method's train < seed."""
         from biosam2.model.factory import METHODS
 
         entry = self.methods[method]
@@ -161,240 +148,115 @@ def shipped_grids() -> dict[str, Path]:
 
 def resolve_grid_file(reference: str | Path) -> Path:
     """A path to a YAML file, or the short name of a shipped grid. An existing file wins over a name."""
-    path = Path(reference).expanduser()
-    if path.is_file():
-        return path.resolve()
-    shipped = shipped_grids()
-    if str(reference) in shipped:
-        return shipped[str(reference)]
-    raise ConfigError(
-        f"{reference}: no such grid file, and not the name of a shipped grid ({', '.join(shipped) or 'none'})"
-    )
+    if Path(reference).expanduser().is_file():
+        return Path(reference).expanduser().resolve()
+    if str(reference) in shipped_grids():
+        return shipped_grids()[str(reference)]
+    raise ConfigError(f"{reference}: no such grid file, and not the name of a shipped grid ({', '.join(shipped_grids())})")
 
 
-# ---- validation ---------------------------------------------------------------------------------
-def _fail(file: Path, key: str, problem: str) -> ConfigError:
-    return ConfigError(f"{file}: {key}: {problem}" if key else f"{file}: {problem}")
-
-
-def _mapping(value: Any, file: Path, key: str) -> dict[str, Any]:
-    if value is None:
-        return {}
-    if not isinstance(value, dict):
-        raise _fail(file, key, f"expected a mapping (key: value), got {type(value).__name__}")
-    return value
-
-
-def _check_keys(value: dict[str, Any], allowed: set[str], file: Path, key: str) -> None:
-    unknown = sorted(str(k) for k in set(value) - allowed)
-    if unknown:
-        raise _fail(file, key, f"unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(allowed))}")
-
-
-def _name(value: Any, file: Path, key: str) -> str:
-    if not isinstance(value, str) or not NAME_PATTERN.fullmatch(value):
-        raise _fail(file, key, f"{value!r} is not a usable name (letters, digits, '.', '_', '+', '-'; it becomes a folder)")
-    return value
-
-
-def _optional_text(value: Any, file: Path, key: str) -> str | None:
-    if value is not None and not isinstance(value, str):
-        raise _fail(file, key, f"expected text, got {type(value).__name__}")
-    return value
-
-
-def _name_list(value: Any, known: Iterable[str], file: Path, key: str, what: str) -> tuple[str, ...]:
-    if not isinstance(value, list) or not value or not all(isinstance(v, str) for v in value):
-        raise _fail(file, key, f"expected a non-empty list of {what} names")
-    known = list(known)
-    unknown = [v for v in value if v not in known]
-    if unknown:
-        raise _fail(file, key, f"unknown {what}(s) {', '.join(unknown)}; the grid has {', '.join(known)}")
-    if len(set(value)) != len(value):
-        raise _fail(file, key, f"a {what} is listed twice")
-    return tuple(value)
-
-
-def _train_options(value: Any, file: Path, key: str) -> dict[str, Any]:
-    """A block of TrainConfig options; its names are checked here, its values once merged into cells
-    (a value can be valid only together with another block's, e.g. adapter_blocks with size)."""
-    from biosam2.training.config import config_field_names
-
-    options = _mapping(value, file, key)
-    if "seed" in options:
-        raise _fail(file, f"{key}.seed", "the training seed comes from `seeds:` (one cell per seed); remove it here")
-    unknown = sorted(str(k) for k in set(options) - set(config_field_names()))
-    if unknown:
-        raise _fail(file, key, f"unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(config_field_names()))}")
-    return dict(options)
-
-
-def _check_cell_options(grid: Grid, dataset: str, method: str) -> None:
-    """Validate one cell's merged options; on error name the block that breaks them on its own, if any."""
-    from biosam2.model.factory import METHODS
-    from biosam2.training.config import TrainConfig
-
-    entry = grid.methods[method]
-    try:
-        TrainConfig.from_dict(grid.options(dataset, method, grid.seeds[0]))
-        return
-    except ConfigError:
-        pass
-    preset = dict(METHODS[entry.preset]) if entry.preset else {}
-    for key, options in (
-        (f"datasets.{dataset}.train", {**grid.defaults, **grid.datasets[dataset].train}),
-        (f"methods.{method}.train", {**grid.defaults, **preset, **entry.train}),
-        (f"methods.{method} on datasets.{dataset}", grid.options(dataset, method, grid.seeds[0])),
-    ):
-        _validated_config(options, grid.file, key, TrainConfig)
-
-
-def _validated_config(options: dict[str, Any], file: Path, key: str, config_class: Any) -> Any:
-    source = f"{file}: {key}"
-    try:
-        return config_class.from_dict(options, source)
-    except ConfigError as error:
-        message = str(error)
-        raise ConfigError(message if message.startswith(source) else f"{source}: {message}") from None
-
-
-def _resolve(path: str, root: Path) -> Path:
-    candidate = Path(path).expanduser()
-    return candidate if candidate.is_absolute() else root / candidate
+def _schema_error(file: Path, error: ValidationError) -> ConfigError:
+    """The first problem pydantic found, as ``FILE: key.path: what is wrong``."""
+    problem = error.errors()[0]
+    loc = [str(part) for part in problem["loc"] if part != "[key]"]
+    key = "".join(f"[{part}]" if part.isdigit() else f".{part}" for part in loc).lstrip(".")
+    message = problem["msg"]
+    if problem["type"] == "extra_forbidden":
+        key, _, unknown = key.rpartition(".")
+        message = f"unknown key(s) {unknown}"
+    elif "[key]" in problem["loc"] or problem["type"] == "string_pattern_mismatch":
+        message = f"{problem['input']!r} is not a usable name (letters, digits, '.', '_', '+', '-'; it becomes a folder)"
+    elif problem["type"] == "missing":
+        message = "missing"
+    elif not isinstance(problem["input"], (dict, list)):
+        message += f" (got {problem['input']!r})"
+    return ConfigError(f"{file}: {key}: {message}" if key else f"{file}: {message}")
 
 
 def load_grid(reference: str | Path, data_root: str | Path | None = None) -> Grid:
-    """Read and check a grid file (a path or a shipped grid's name). Every error names the file and key."""
+    """Read and check a grid file (a path or a shipped grid's name) before anything runs."""
     from biosam2.data.convert import CONVERTERS, check_conversion
     from biosam2.model.factory import METHODS
-    from biosam2.training.config import TrainConfig
+    from biosam2.training.config import TrainConfig, config_field_names
 
     file = resolve_grid_file(reference)
     text = file.read_text()
+    fail = lambda key, problem: ConfigError(f"{file}: {key}: {problem}")  # noqa: E731
+
+    def known(names: list[str], pool: dict[str, Any], key: str, what: str) -> None:
+        if unknown := [n for n in names if n not in pool]:
+            raise fail(key, f"unknown {what}(s) {', '.join(unknown)}; the grid has {', '.join(pool)}")
     try:
-        raw = yaml.safe_load(text)
+        raw = GridFile.model_validate(yaml.safe_load(text) or {})
     except yaml.YAMLError as error:
         raise ConfigError(f"{file}: not valid YAML ({error})") from None
-    raw = _mapping(raw, file, "")
-    _check_keys(raw, _TOP_KEYS, file, "")
-    for required in ("seeds", "datasets", "methods"):
-        if required not in raw:
-            raise _fail(file, required, "missing (required keys: seeds, datasets, methods)")
+    except ValidationError as error:
+        raise _schema_error(file, error) from None
+    if len(set(raw.seeds)) != len(raw.seeds):
+        raise fail("seeds", "a seed is listed twice")
 
-    name = _name(raw.get("name", file.stem), file, "name")
-    description = _optional_text(raw.get("description"), file, "description") or ""
-    if data_root is not None:
-        root, origin = Path(data_root).expanduser(), "--data-root"
-    else:
-        given = raw.get("data_root", ".")
-        if not isinstance(given, str):
-            raise _fail(file, "data_root", "expected a path")
-        root, origin = Path(given).expanduser(), "grid file"
-    root = root.resolve()  # relative: against the current directory (see the module docstring)
-
-    seeds = raw["seeds"]
-    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
-        raise _fail(file, "seeds", "expected a non-empty list of integers, e.g. [0, 1, 2]")
-    if len(set(seeds)) != len(seeds):
-        raise _fail(file, "seeds", "a seed is listed twice")
-    defaults = _train_options(raw.get("defaults"), file, "defaults")
-    _validated_config(defaults, file, "defaults", TrainConfig)
-
-    datasets: dict[str, DatasetEntry] = {}
-    raw_datasets = _mapping(raw["datasets"], file, "datasets")
-    if not raw_datasets:
-        raise _fail(file, "datasets", "no datasets")
-    for dataset_name, body in raw_datasets.items():
-        key = f"datasets.{dataset_name}"
-        _name(dataset_name, file, key)
-        body = _mapping(body, file, key)
-        _check_keys(body, _DATASET_KEYS, file, key)
-        if ("convert" in body) == ("path" in body):
-            raise _fail(file, key, "give exactly one of `convert:` (a public dataset to convert) or `path:` (a dataset in biosam2's format)")
-        convert = path = None
-        if "convert" in body:
-            block = _mapping(body["convert"], file, f"{key}.convert")
-            _check_keys(block, _CONVERT_KEYS, file, f"{key}.convert")
-            converter = block.get("name")
-            options = _mapping(block.get("options"), file, f"{key}.convert.options")
+    def checked(options: dict[str, Any], key: str, values: bool = True) -> dict[str, Any]:
+        """A block of TrainConfig options: its names, and its values where the block is complete on its own
+        (a value can be valid only together with another block's, e.g. adapter_blocks with size)."""
+        if "seed" in options:
+            raise fail(f"{key}.seed", "the training seed comes from `seeds:` (one cell per seed); remove it here")
+        unknown = sorted(set(options) - set(config_field_names()))
+        if unknown:
+            raise fail(key, f"unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(config_field_names()))}")
+        if values:
+            source = f"{file}: {key}"
             try:
-                check_conversion(converter, options)
+                TrainConfig.from_dict(options, source)
             except ConfigError as error:
-                raise _fail(file, f"{key}.convert.{'options' if converter in CONVERTERS else 'name'}", str(error)) from None
-            if not isinstance(block.get("src"), str):
-                raise _fail(file, f"{key}.convert.src", "missing: the folder of the dataset as distributed")
-            limit = block.get("limit")
-            if limit is not None and (not isinstance(limit, int) or isinstance(limit, bool) or limit < 1):
-                raise _fail(file, f"{key}.convert.limit", f"{limit!r}: expected a positive integer or null")
-            split_seed = block.get("seed", 0)
-            if not isinstance(split_seed, int) or isinstance(split_seed, bool):
-                raise _fail(file, f"{key}.convert.seed", f"{split_seed!r}: expected an integer")
-            convert = ConvertSource(converter, _resolve(block["src"], root), limit, split_seed, dict(options))
-        else:
-            if not isinstance(body["path"], str):
-                raise _fail(file, f"{key}.path", "expected the path of a dataset in biosam2's format")
-            path = _resolve(body["path"], root)
-        datasets[dataset_name] = DatasetEntry(
-            name=dataset_name,
-            label=_optional_text(body.get("label"), file, f"{key}.label") or dataset_name,
-            convert=convert,
-            path=path,
-            train=_train_options(body.get("train"), file, f"{key}.train"),
-            note=_optional_text(body.get("note"), file, f"{key}.note"),
-        )
+                raise ConfigError(str(error) if str(error).startswith(source) else f"{source}: {error}") from None
+        return options
 
-    methods: dict[str, MethodEntry] = {}
-    raw_methods = _mapping(raw["methods"], file, "methods")
-    if not raw_methods:
-        raise _fail(file, "methods", "no methods")
-    for method_name, body in raw_methods.items():
-        key = f"methods.{method_name}"
-        _name(method_name, file, key)
-        body = _mapping(body, file, key)
-        _check_keys(body, _METHOD_KEYS, file, key)
-        preset = body.get("preset", method_name if method_name in METHODS else None)
+    # A relative data_root is against the current directory, not the YAML's folder: the shipped grids'
+    # ../shared/data means "beside the repository you run from".
+    root = Path(data_root if data_root is not None else raw.data_root).expanduser().resolve()
+    checked(raw.defaults, "defaults")
+    datasets = {}
+    for name, entry in raw.datasets.items():
+        key, update = f"datasets.{name}", {"name": name, "label": entry.label or name}
+        if (entry.convert is None) == (entry.path is None):
+            raise fail(key, "give exactly one of `convert:` (a public dataset to convert) or `path:` (a dataset in biosam2's format)")
+        if entry.convert:
+            try:
+                check_conversion(entry.convert.name, entry.convert.options)
+            except ConfigError as error:
+                raise fail(f"{key}.convert.{'options' if entry.convert.name in CONVERTERS else 'name'}", str(error)) from None
+            update["convert"] = entry.convert.model_copy(update={"src": root / entry.convert.src.expanduser()})
+        else:
+            update["path"] = root / entry.path.expanduser()  # an absolute path stays as it is
+        checked(entry.train, f"{key}.train", values=False)
+        datasets[name] = entry.model_copy(update=update)
+    methods = {}
+    for name, entry in raw.methods.items():
+        preset = entry.preset if "preset" in entry.model_fields_set else (name if name in METHODS else None)
         if preset is not None and preset not in METHODS:
-            raise _fail(file, f"{key}.preset", f"{preset!r}: choose one of {', '.join(METHODS)}")
-        only = _name_list(body["datasets"], datasets, file, f"{key}.datasets", "dataset") if "datasets" in body else None
-        methods[method_name] = MethodEntry(
-            name=method_name,
-            label=_optional_text(body.get("label"), file, f"{key}.label") or method_name,
-            preset=preset,
-            train=_train_options(body.get("train"), file, f"{key}.train"),
-            datasets=only,
-            note=_optional_text(body.get("note"), file, f"{key}.note"),
-        )
-
-    grid = Grid(name, description, file, text, root, origin, tuple(seeds), defaults, datasets, methods, [])
-
-    # Every cell's merged options must make a valid TrainConfig before anything runs.
-    for dataset_name in datasets:
-        for method_name in methods:
-            if grid.method_runs_on(method_name, dataset_name):
-                _check_cell_options(grid, dataset_name, method_name)
-
-    raw_ablations = raw.get("ablations") or []
-    if not isinstance(raw_ablations, list):
-        raise _fail(file, "ablations", "expected a list of tables (title, methods, datasets)")
-    for index, body in enumerate(raw_ablations):
+            raise fail(f"methods.{name}.preset", f"{preset!r}: choose one of {', '.join(METHODS)}")
+        known(entry.datasets or [], datasets, f"methods.{name}.datasets", "dataset")
+        checked(entry.train, f"methods.{name}.train", values=False)
+        methods[name] = entry.model_copy(update={"name": name, "label": entry.label or name, "preset": preset})
+    grid = Grid(raw.name or file.stem, raw.description, file, text, root, "--data-root" if data_root is not None else "grid file",
+                tuple(raw.seeds), raw.defaults, datasets, methods, [])
+    for dataset in datasets:  # every cell's merged options make a valid TrainConfig before anything runs
+        for method in (m for m in methods if grid.method_runs_on(m, dataset)):
+            merged = {k: v for k, v in grid.options(dataset, method, 0).items() if k != "seed"}
+            try:
+                TrainConfig.from_dict(merged)
+            except ConfigError:  # name the block that breaks them on its own, if any
+                preset = dict(METHODS[methods[method].preset]) if methods[method].preset else {}
+                checked({**grid.defaults, **datasets[dataset].train}, f"datasets.{dataset}.train")
+                checked({**grid.defaults, **preset, **methods[method].train}, f"methods.{method}.train")
+                checked(merged, f"methods.{method} on datasets.{dataset}")
+    for index, table in enumerate(raw.ablations):
         key = f"ablations[{index}]"
-        body = _mapping(body, file, key)
-        _check_keys(body, _ABLATION_KEYS, file, key)
-        title = body.get("title")
-        if not isinstance(title, str) or not title:
-            raise _fail(file, f"{key}.title", "missing: each ablation table needs a title")
-        members = _name_list(body.get("methods"), methods, file, f"{key}.methods", "method")
-        if len(members) < 2:
-            raise _fail(file, f"{key}.methods", "an ablation compares at least two methods")
-        common = [d for d in datasets if all(grid.method_runs_on(m, d) for m in members)]
-        if "datasets" in body:
-            chosen = _name_list(body["datasets"], datasets, file, f"{key}.datasets", "dataset")
-            absent = [d for d in chosen if d not in common]
-            if absent:
-                raise _fail(file, f"{key}.datasets", f"not every method of the table runs on {', '.join(absent)}")
-        else:
-            chosen = tuple(common)
-            if not chosen:
-                raise _fail(file, f"{key}.methods", "these methods share no dataset")
-        grid.ablations.append(AblationEntry(title, members, chosen, _optional_text(body.get("note"), file, f"{key}.note")))
+        known(table.methods, methods, f"{key}.methods", "method")
+        common = [d for d in datasets if all(grid.method_runs_on(m, d) for m in table.methods)]
+        if [d for d in table.datasets or [] if d not in common]:
+            raise fail(f"{key}.datasets", "not every method of the table runs on each of these datasets")
+        if not (table.datasets or common):
+            raise fail(f"{key}.methods", "these methods share no dataset")
+        grid.ablations.append(table.model_copy(update={"datasets": table.datasets or common}))
     return grid
