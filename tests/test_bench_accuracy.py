@@ -352,23 +352,6 @@ def test_schedule_runs_every_cell_once_never_two_at_a_time_on_a_gpu_and_survives
     assert any("[gpu 0]" in line for line in lines)
 
 
-def test_single_worker_per_gpu_never_overlaps():
-    active, peak = {"n": 0}, {"n": 0}
-    lock = threading.Lock()
-
-    def launch(cell, slot):
-        with lock:
-            active["n"] += 1
-            peak["n"] = max(peak["n"], active["n"])
-        time.sleep(0.01)
-        with lock:
-            active["n"] -= 1
-        return CellOutcome(cell, FINISHED)
-
-    schedule([Cell("d", "m", s) for s in range(6)], ["0", "1"], launch, report=lambda _: None)
-    assert peak["n"] <= 2
-
-
 def test_workers_are_pinned_to_their_gpu_by_environment(tmp_path):
     grid = load_grid(write_grid(tmp_path, minimal_grid()))
     launcher = SubprocessLauncher(grid, tmp_path / "out", parent_visible_devices=None)
