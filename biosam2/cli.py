@@ -6,6 +6,7 @@
     biosam2 train DATA --out RUN          train, select on validation, evaluate on test
     biosam2 predict RUN INPUT OUT         label maps for a file, folder or volume
     biosam2 evaluate PRED GT              mIoU / Dice / HD95 of predictions against ground truth
+    biosam2 report RUN                    the visual quality-control report, RUN/report.html
     biosam2 bench efficiency|accuracy     the efficiency table; the accuracy/ablation grid
     biosam2 selfcheck --device cuda       train, resume, save, predict, compare with the CPU, bench: one line per check
 
@@ -26,7 +27,7 @@ from typing import Any
 # Choices and defaults come from where they are decided (none of these import torch: -h stays fast).
 from biosam2.data.convert import CONVERTERS, SOURCE_LABEL_MAPS, convert_dataset
 from biosam2.demo import DEMO_ADAPTERS, DEMO_EPOCHS, run_demo
-from biosam2.errors import BioSAM2Error
+from biosam2.errors import BioSAM2Error, ConfigError
 from biosam2.options import ADAPTERS, BENCHMARKS, INPUT_MODES, LOSSES, POSITIONAL_ENCODINGS, PRECISIONS, SAM2_SIZE_NAMES
 from biosam2.training.config import TrainConfig, config_field_names
 
@@ -168,6 +169,36 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     result.write_markdown(out / "evaluation.md")
     print(result)
     print(f"\nWritten: {out / 'evaluation.json'}, {out / 'evaluation.md'}")
+    if args.report:
+        from biosam2.evaluation.html_report import folder_loader, write_report
+
+        images = Path(args.images) if args.images else ground_truth.parent / ground_truth.name.replace("labels", "images")
+        if args.images and not images.is_dir():
+            raise ConfigError(f"--images {images}: not a folder")
+        loader = folder_loader(predictions, ground_truth, images if images.is_dir() and images != ground_truth else None)
+        path = write_report(Path(args.report), result.to_dict(), loader, title=f"biosam2 evaluation: {predictions}",
+                            summary={"predictions": str(predictions), "ground truth": str(ground_truth),
+                                     "images": str(images) if images.is_dir() and images != ground_truth else "none given"},
+                            worst=_positive(args.worst, "--worst"))
+        print(f"Report: {path}")
+    return 0
+
+
+def _positive(value: int, flag: str) -> int:
+    if value < 0:
+        raise ConfigError(f"{flag} {value}: give a number of cases, 0 or more")
+    return value
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from biosam2.evaluation.html_report import report_for_run
+
+    run = Path(args.run)
+    if not (run / "run.json").is_file():
+        raise ConfigError(f"{run}: not a run directory (no run.json); give the --out folder of biosam2 train")
+    if not (run / "evaluation.json").is_file() and not (run / "val_evaluation.json").is_file():
+        raise ConfigError(f"{run}: the run has no evaluation yet (evaluation.json or val_evaluation.json): it did not finish")
+    print(f"Report: {report_for_run(run, worst=_positive(args.worst, '--worst'))}")
     return 0
 
 
@@ -294,7 +325,15 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("ground_truth", help="folder of ground-truth label maps (e.g. DATA/labelsTs)")
     evaluate.add_argument("--dataset", help="dataset folder whose dataset.json names the classes")
     evaluate.add_argument("--out", help="output folder (default: PRED-evaluation beside PRED)")
+    evaluate.add_argument("--report", help="also write the visual HTML report here (e.g. report.html)")
+    evaluate.add_argument("--images", help="folder of the images, for the report's gallery (default: imagesTs or "
+                          "imagesTr beside a labelsTs/labelsTr ground-truth folder, if there)")
+    evaluate.add_argument("--worst", type=int, default=8, help="cases shown in the report's gallery, worst first (default: %(default)s)")
     evaluate.set_defaults(handler=cmd_evaluate)
+    report = commands.add_parser("report", help="the visual quality-control report of a run (RUN/report.html)")
+    report.add_argument("run", help="run directory (written by biosam2 train)")
+    report.add_argument("--worst", type=int, default=8, help="cases shown in the gallery, worst first (default: %(default)s)")
+    report.set_defaults(handler=cmd_report)
     bench = commands.add_parser(
         "bench",
         help="benchmarks: efficiency table, accuracy/ablation grid",

@@ -81,6 +81,7 @@ def evaluate_folders(
     labels: dict[str, int] | None = None,
     dataset: str | Path | None = None,
     spacing_known: bool | None = None,
+    case_ids: list[str] | None = None,
 ) -> EvaluationResult:
     """Score every ground-truth case against the prediction of the same case id.
 
@@ -89,11 +90,17 @@ def evaluate_folders(
     HD95 is in mm for volumes unless ``spacing_known`` is False, the dataset.json says
     ``"spacing": "unknown"`` or the ground-truth file itself does (a converted volume with a stand-in
     1 mm spacing, :data:`~biosam2.data.image_io.UNKNOWN_SPACING`): then in voxels.
-    Raises :class:`DataError` naming the file(s) on a missing prediction, a geometry mismatch, or a
+    ``case_ids`` restricts the evaluation to these ground-truth cases (e.g. the validation cases among
+    labelsTr); each must have a ground truth. Raises :class:`DataError` naming the file(s) on a missing prediction, a geometry mismatch, or a
     label value outside the classes.
     """
     predictions, ground_truth = Path(predictions), Path(ground_truth)
     gt_files = _list_label_files(ground_truth, "ground-truth")
+    if case_ids is not None:
+        unknown = sorted(set(case_ids) - set(gt_files))
+        if unknown:
+            raise DataError(f"{ground_truth}: no ground truth for {_names(unknown)}")
+        gt_files = {case_id: gt_files[case_id] for case_id in case_ids}
     if (predictions / INCOMPLETE_MARKER).exists():
         raise DataError(
             f"{predictions}: a `biosam2 predict` run was killed while moving its results in ({INCOMPLETE_MARKER}); "

@@ -240,7 +240,7 @@ def predict_files(
             if probabilities and probs is not None:
                 _write_probabilities(staging, case, reference, probs)
             if overlays:
-                write_overlay(staging / "overlays" / f"{case.name}.png", image, None, labels)
+                write_overlay(staging / "overlays" / f"{case.name}.png", image, None, labels, class_names)
             log.info("%s -> %s", case.files[0], destination)
 
         def flush() -> None:

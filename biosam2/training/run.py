@@ -13,7 +13,9 @@ Run directory::
       model/                 the small artifact (best epoch; LW fused): biosam2 predict RUN ...
       test_predictions/      label maps predicted for the test split
       evaluation.json/.md    test metrics (mIoU as the paper reports it, Dice, HD95)
+      val_predictions/, val_evaluation.json/.md   the same for the validation cases, in runs without a test evaluation
       metrics.json           summary: best validation mIoU and epoch, test metrics, parameters, time
+      report.html            the visual quality-control report (biosam2 report RUN rebuilds it)
 """
 
 from __future__ import annotations
@@ -57,6 +59,7 @@ from biosam2.training.config import TrainConfig
 from biosam2.training.data_module import SegmentationData
 from biosam2.training.distributed import is_first_process
 from biosam2.training.module import SegmentationModule, check_checkpoint
+from biosam2.evaluation.html_report import report_for_run
 from biosam2.visualization import plot_learning_curves, write_overlay
 
 log = logging.getLogger("biosam2")
@@ -357,11 +360,18 @@ def _train(data, run: Path, config: TrainConfig, *, resume: bool, progress_bar: 
     predictor = Predictor(model, batch_size=config.batch_size, precision=config.precision)  # as trained
     for case in val_cases[: config.overlays]:
         prediction, _ = predictor.predict(case.image)
-        write_overlay(run / "overlays" / f"{case.case_id}.png", case.image, case.label, prediction)
+        write_overlay(run / "overlays" / f"{case.case_id}.png", case.image, case.label, prediction, spec.class_names)
     if config.evaluate_test and split.test:
         summary["test"] = evaluate_split(predictor, spec, split.test, normalization, run)
+    elif val_cases:  # the report then shows the validation cases, and says so
+        validation = evaluate_split(predictor, spec, split.val, normalization, run, stem="val_")
+        summary["val_inference_seconds"] = validation.pop("inference_seconds")
     summary["seconds"] = round(time.time() - started, 1)
     atomic_write_json(run / "metrics.json", summary)
+    try:
+        report_for_run(run)
+    except Exception as error:  # noqa: BLE001 - the run itself is complete; say why its report is missing
+        log.warning("%s: the HTML report could not be written (%s: %s); `biosam2 report %s` retries", run, type(error).__name__, error, run)
     return summary
 
 
@@ -446,19 +456,24 @@ def _epoch_of(checkpoint: Path) -> int | None:
     return int(torch.load(checkpoint, map_location="cpu", weights_only=True).get("epoch", -1))
 
 
-def evaluate_split(predictor: Predictor, spec: DatasetSpec, cases: list[CaseFiles], normalization: Normalization, run: Path) -> dict[str, Any]:
-    """Predict every test case at native resolution, write the label maps, evaluate them."""
+def evaluate_split(predictor: Predictor, spec: DatasetSpec, cases: list[CaseFiles], normalization: Normalization, run: Path,
+                   stem: str = "") -> dict[str, Any]:
+    """Predict every case (test, or with ``stem="val_"`` validation) at native resolution, write the label
+    maps, evaluate them; the headline metrics, and each case's prediction time, for metrics.json."""
     from biosam2.evaluation import evaluate_folders
 
-    folder = run / "test_predictions"
+    folder, seconds = run / f"{stem or 'test_'}predictions", {}
     for files in cases:
         case: Case = load_case(spec, files, normalization, with_label=False)
+        begin = time.perf_counter()
         labels, _ = predictor.predict(case.image)
+        seconds[case.case_id] = round(time.perf_counter() - begin, 4)
         write_like(prediction_path(folder, case.case_id, spec), labels, case.reference)
-    result = evaluate_folders(folder, spec.root / "labelsTs", labels=spec.declared_labels, spacing_known=spec.spacing_known)
-    result.write_json(run / "evaluation.json")
-    result.write_markdown(run / "evaluation.md")
-    return json.loads(json.dumps(_headline(result)))
+    result = evaluate_folders(folder, spec.root / ("labelsTr" if stem else "labelsTs"), labels=spec.declared_labels,
+                              spacing_known=spec.spacing_known, case_ids=[files.case_id for files in cases] if stem else None)
+    result.write_json(run / f"{stem}evaluation.json")
+    result.write_markdown(run / f"{stem}evaluation.md")
+    return json.loads(json.dumps(_headline(result))) | {"inference_seconds": seconds}
 
 
 def _headline(result) -> dict[str, Any]:
