@@ -174,3 +174,23 @@ def test_the_report_of_a_real_run_renders_and_sorts_in_headless_chromium(runs, t
 
     ascending, descending = order("#sort=case"), order("#sort=case:desc")
     assert len(ascending) == 2 and ascending == sorted(ascending) and descending == ascending[::-1]
+
+
+def test_a_3d_run_reports_slices_with_the_spacing(tmp_path):
+    root = tmp_path / "vol"
+    rng = np.random.default_rng(0)
+    for folder in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
+        (root / folder).mkdir(parents=True)
+    affine = np.diag([0.7, 0.7, 2.0, 1])
+    for index in range(6):
+        split = "Tr" if index < 5 else "Ts"
+        image = rng.normal(size=(32, 32, 6)).astype(np.float32)
+        nib.save(nib.Nifti1Image(image, affine), root / f"images{split}" / f"c{index}_0000.nii.gz")
+        nib.save(nib.Nifti1Image((image > 0.5).astype(np.uint8), affine), root / f"labels{split}" / f"c{index}.nii.gz")
+    (root / "dataset.json").write_text(json.dumps(
+        {"channel_names": {"0": "MRI"}, "labels": {"background": 0, "fg": 1}, "file_ending": ".nii.gz", "numTraining": 5}))
+    run = tmp_path / "run"
+    train(root, run, TrainConfig(**{**QUICK, "patch_size": 32, "overlays": 0}), progress_bar=False)
+    text = (run / "report.html").read_text()
+    assert re.search(r"worst: c5, slice \d of 6 \(\d+ voxels wrong; spacing 0.7 x 0.7 x 2\)", text), text[-3000:]
+    assert "<td>c5</td>" in text and "[mm]" in text
