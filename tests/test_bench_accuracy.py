@@ -225,6 +225,7 @@ def _fabricate(out: Path, grid, cell: Cell, miou: float, dice: float | None, hd9
         "miou": miou, "hd95_unit": unit, "num_cases": 3,
         "mean_foreground_dice": {"mean": dice, "std": 0.0, "count": 3},
         "mean_foreground_hd95": {"mean": hd95, "std": 0.0, "count": 3},
+        "protocols": {"transunet": {"mean_dice": miou / 2}, "per_image": {"mdice": dice}},
     }
     (run / "evaluation.json").write_text(json.dumps(evaluation))
     (run / "metrics.json").write_text(json.dumps({
@@ -266,6 +267,8 @@ def test_aggregation_means_stds_counts_and_missing_cells(tmp_path):
     assert cell["mean"] == pytest.approx(60.0) and cell["std"] == pytest.approx(10.0)  # sample std (n-1)
     assert cell["text"] == "60.00 ± 10.00 (n=3)"
     assert results["tables"]["hd95"]["rows"]["a"]["d1"]["mean"] == pytest.approx(3.0)
+    assert results["tables"]["transunet_dice"]["rows"]["a"]["d1"]["text"] == "30.00 ± 5.00 (n=3)"
+    assert results["tables"]["image_mdice"]["rows"]["b"]["d1"]["text"] == "no value"
     assert results["tables"]["miou"]["rows"]["b"]["d1"]["text"] == "40.00 (n=1/3)"
     assert results["tables"]["dice"]["rows"]["b"]["d1"]["text"] == "no value"
     assert results["tables"]["miou"]["rows"]["b"]["d2"]["text"] == "failed"

@@ -356,3 +356,34 @@ def test_prediction_values_outside_the_classes_name_the_file(tmp_path):
     write_label_png(tmp_path / "pred" / "a.png", label * 5)
     with pytest.raises(DataError, match=r"pred/a\.png: prediction has label value\(s\) 5 outside the 2 classes"):
         evaluate_folders(tmp_path / "pred", tmp_path / "gt", labels={"background": 0, "cell": 1})
+
+
+def test_the_protocols_other_communities_report_on_hand_computable_volumes():
+    """TransUNet's Synapse convention (a missed or absent organ counts Dice 0 / HD95 0, a hallucinated one
+    Dice 1 / HD95 0, every case counted) and the per-image mDice/mIoU, next to biosam2's own convention."""
+    from biosam2.evaluation.metrics import Evaluator
+
+    def volume(*organs):
+        array = np.zeros((6, 6, 6), np.uint8)
+        for label in organs:
+            array[(label - 1) * 3 : label * 3, 1:4, 1:4] = label
+        return array
+
+    evaluator = Evaluator(3, ["background", "liver", "spleen"])
+    evaluator.add_case("a", volume(1), volume(1, 2), spacing=(1.0, 1.0, 2.0))  # spleen missed
+    evaluator.add_case("b", volume(2), volume(), spacing=(1.0, 1.0, 2.0))  # liver in neither, spleen hallucinated
+    evaluator.add_case("c", volume(1, 2), volume(1, 2), spacing=(1.0, 1.0, 2.0))  # perfect
+    result = evaluator.result()
+    protocols = result.to_dict()["protocols"]
+    transunet = protocols["transunet"]
+    assert transunet["per_class"] == {"liver": {"dice": pytest.approx(2 / 3), "hd95": 0.0},
+                                      "spleen": {"dice": pytest.approx(2 / 3), "hd95": 0.0}}
+    assert transunet["mean_dice"] == pytest.approx(2 / 3) and transunet["hd95_unit"] == "mm"
+    # biosam2's own convention on the same cases: the absent liver is left out, the missed and the
+    # hallucinated spleen count Dice 0
+    assert result.dice_mean["liver"] == 1.0 and result.dice_mean["spleen"] == pytest.approx(1 / 3)
+    # per image: a = mean(1, 0), b = spleen 0 (liver undefined), c = 1
+    assert protocols["per_image"]["mdice"] == pytest.approx(0.5) and protocols["per_image"]["miou"] == pytest.approx(0.5)
+    assert result.cases[0].missed == ["spleen"] and result.cases[1].missed == []
+    markdown = result.to_markdown()
+    assert "TransUNet's protocol" in markdown and "mean Dice 0.6667" in markdown and "0.5000 / 0.5000" in markdown

@@ -110,7 +110,8 @@ def render(evaluation: dict[str, Any], loader: CaseLoader, *, title: str, summar
         f"<h2>Metrics over {evaluation['num_cases']} cases</h2><p><b>mIoU as the paper reports it: "
         f"{_number(evaluation['miou'])}</b> (one confusion matrix over every pixel, background included). Mean "
         f"foreground Dice {_number(dice_mean['mean'])} ± {_number(dice_mean['std'])}; mean foreground HD95 "
-        f"{_number(hd_mean['mean'], 2)} ± {_number(hd_mean['std'], 2)} {esc(unit)}.</p><table><thead><tr><th>class</th>"
+        f"{_number(hd_mean['mean'], 2)} ± {_number(hd_mean['std'], 2)} {esc(unit)}.{_protocols(evaluation)}</p>"
+        "<table><thead><tr><th>class</th>"
         f"<th>IoU</th><th>Dice (mean ± std, n)</th><th>HD95 [{esc(unit)}] (mean ± std, n)</th></tr></thead><tbody>")
     for name, block in evaluation["classes"].items():
         d, h = block["dice"], block["hd95"]
@@ -151,6 +152,17 @@ def render(evaluation: dict[str, Any], loader: CaseLoader, *, title: str, summar
         parts.append("<h2>Efficiency</h2><dl>" + "".join(f"<dt>{esc(k)}</dt><dd>{esc(v)}</dd>" for k, v in efficiency.items()) + "</dl>")
     parts.append(f"<script>{_SCRIPT}</script></body></html>")
     return "\n".join(parts)
+
+
+def _protocols(evaluation: dict[str, Any]) -> str:
+    """The figures other communities report (see biosam2.evaluation.report.PROTOCOLS), if the evaluation has them."""
+    protocols = evaluation.get("protocols")
+    if not protocols:
+        return ""
+    transunet, per_image = protocols["transunet"], protocols["per_image"]
+    return (f" As others report it: TransUNet's protocol (Synapse) Dice {_number(transunet['mean_dice'])}, HD95 "
+            f"{_number(transunet['mean_hd95'], 2)} {html.escape(transunet['hd95_unit'])}; per-image mDice / mIoU (polyp "
+            f"literature) {_number(per_image['mdice'])} / {_number(per_image['miou'])}.")
 
 
 def _cell(value: float | None, digits: int, flag: str = "", shade: bool = False) -> str:

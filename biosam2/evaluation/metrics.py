@@ -224,6 +224,7 @@ class Evaluator:
         hd95: dict[str, float] = {}
         absent: list[str] = []
         penalised: list[str] = []
+        missed: list[str] = []
         for index, name in enumerate(self.class_names):
             in_gt, in_pred = bool(gt_count[index] > 0), bool(pred_count[index] > 0)
             if not in_gt and not in_pred:
@@ -234,6 +235,8 @@ class Evaluator:
             if in_gt != in_pred:
                 # decided here, not by MONAI: its empty-mask handling depends on flags and warns
                 penalised.append(name)
+                if in_gt:
+                    missed.append(name)
                 dice[name] = 0.0
                 hd95[name] = math.nan if index == 0 else diagonal
                 continue
@@ -250,6 +253,7 @@ class Evaluator:
             penalised=penalised,
             diagonal_extent=diagonal,
             ignored_pixels=ignored_count,
+            missed=missed,
         )
         self._cases.append(result)
         self._unit = unit

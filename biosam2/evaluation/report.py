@@ -18,6 +18,21 @@ import numpy as np
 from biosam2.atomic_io import atomic_write_json, atomic_write_text
 
 NOT_DEFINED = "—"
+# How each community's figure is computed here (every evaluation reports them next to the paper's mIoU).
+PROTOCOLS = {
+    "transunet": (
+        "TransUNet's protocol (Synapse; its calculate_metric_percase): Dice and HD95 per case and class, "
+        "averaged over every case: a class in neither map counts Dice 0 and HD95 0, a class missed counts "
+        "Dice 0 and HD95 0, a class predicted where the ground truth has none Dice 1 and HD95 0; then the "
+        "mean over the foreground classes. HD95 in this evaluation's unit (TransUNet's own code passes no "
+        "spacing, so its figures are in voxels). biosam2's own columns keep biosam2's convention."
+    ),
+    "per_image": (
+        "Per-image mDice / mIoU (the polyp literature, e.g. Kvasir-SEG): each case's mean over its defined "
+        "foreground classes, then the mean over cases; not the paper's whole-set mIoU."
+    ),
+    "per_structure_dice": "ACDC's per-structure Dice (RV, Myo, LV) per 3-D volume: the per-class Dice of this evaluation.",
+}
 
 
 def _finite_or_none(value: float) -> float | None:
@@ -54,6 +69,7 @@ class CaseResult:
     penalised: list[str]  # classes in exactly one of them: Dice 0, HD95 = diagonal_extent
     diagonal_extent: float  # the HD95 penalty, in the case's HD95 unit
     ignored_pixels: int = 0  # ground-truth pixels/voxels of the ignore label, left out of every score
+    missed: list[str] = field(default_factory=list)  # the penalised classes that are in the ground truth only
 
     def foreground_mean(self, metric: str, foreground: list[str]) -> float:
         """This case's mean of ``metric`` ("dice" or "hd95") over its defined foreground classes (NaN if none)."""
@@ -71,6 +87,7 @@ class CaseResult:
             "hd95": {k: _finite_or_none(v) for k, v in self.hd95.items()},
             "absent": list(self.absent),
             "penalised": list(self.penalised),
+            "missed": list(self.missed),
             "diagonal_extent": self.diagonal_extent,
             "ignored_pixels": self.ignored_pixels,
         }
@@ -109,6 +126,37 @@ class EvaluationResult:
     @property
     def num_cases(self) -> int:
         return len(self.cases)
+
+    def protocols(self) -> dict[str, Any]:
+        """The figures other communities report, from the same per-case scores (see PROTOCOLS)."""
+        foreground = self.class_names[1:]
+        transunet = {}
+        for name in foreground:  # TransUNet's calculate_metric_percase, every case counted
+            pairs = [
+                (0.0, 0.0) if name in case.absent or name in case.missed
+                else (1.0, 0.0) if name in case.penalised  # predicted where the ground truth has none
+                else (case.dice[name], case.hd95[name])
+                for case in self.cases
+            ]
+            transunet[name] = {"dice": float(np.mean([d for d, _ in pairs])), "hd95": float(np.mean([h for _, h in pairs]))}
+        per_image = [(case.foreground_mean("dice", foreground), case.foreground_mean("iou", foreground)) for case in self.cases]
+        defined = [pair for pair in per_image if not math.isnan(pair[0])]
+        return {
+            "transunet": {
+                "per_class": transunet,
+                "mean_dice": float(np.mean([v["dice"] for v in transunet.values()])),
+                "mean_hd95": float(np.mean([v["hd95"] for v in transunet.values()])),
+                "hd95_unit": self.hd95_unit,
+                "convention": PROTOCOLS["transunet"],
+            },
+            "per_image": {
+                "mdice": float(np.mean([d for d, _ in defined])) if defined else None,
+                "miou": float(np.mean([i for _, i in defined])) if defined else None,
+                "cases": len(defined),
+                "convention": PROTOCOLS["per_image"],
+            },
+            "per_structure_dice": {"convention": PROTOCOLS["per_structure_dice"]},
+        }
 
     @property
     def num_classes(self) -> int:
@@ -159,6 +207,7 @@ class EvaluationResult:
             "ignore_label": self.ignore_label,
             "ignored_pixels": self.ignored_pixels,
             "convention": self.convention,
+            "protocols": self.protocols(),
             "cases": [case.to_dict() for case in self.cases],
         }
 
@@ -201,7 +250,20 @@ class EvaluationResult:
                 f"- **Ignored predictions** (no ground truth): {len(self.ignored_predictions)}: "
                 + ", ".join(self.ignored_predictions)
             )
-        lines += ["", "## Conventions", "", self.convention, ""]
+        protocols = self.protocols()
+        transunet, per_image = protocols["transunet"], protocols["per_image"]
+        lines += [
+            "", "## As other communities report it", "",
+            f"- **TransUNet's protocol** (Synapse; cases missing a class count Dice 0, HD95 0): mean Dice "
+            f"{_number(transunet['mean_dice'])}, mean HD95 {_number(transunet['mean_hd95'])} {unit}; per class: "
+            + ", ".join(f"{name} {_number(v['dice'])} / {_number(v['hd95'])}" for name, v in transunet["per_class"].items()),
+            f"- **Per image** (the polyp literature's mDice / mIoU over {per_image['cases']} cases): "
+            f"{_number(per_image['mdice'] if per_image['mdice'] is not None else math.nan)} / "
+            f"{_number(per_image['miou'] if per_image['miou'] is not None else math.nan)}",
+            "- **Per structure** (ACDC: Dice of RV, Myo, LV per 3-D volume): the Dice column above",
+            "", "## Conventions", "", self.convention, "",
+            *[f"- {name}: {text}" for name, text in PROTOCOLS.items()], "",
+        ]
         return "\n".join(lines)
 
     def __str__(self) -> str:

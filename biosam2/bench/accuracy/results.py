@@ -16,7 +16,8 @@ from biosam2.bench.accuracy.grid import Cell, Grid
 
 RESULTS_JSON, RESULTS_MD = "results.json", "results.md"
 METRICS = {"miou": (100.0, "mIoU (%), as the paper reports it"), "dice": (100.0, "Mean foreground Dice (%)"),
-           "hd95": (1.0, "Mean foreground HD95")}  # a cell record's key -> (scale for display, title)
+           "hd95": (1.0, "Mean foreground HD95"), "transunet_dice": (100.0, "Dice (%), TransUNet's protocol (Synapse)"),
+           "image_mdice": (100.0, "mDice (%) per image (the polyp literature's)")}  # record key -> (scale, title)
 CAVEAT_RANDOM = (
     "**Caveat: random weights.** These cells start from a randomly initialised SAM2 (weights: random), not from "
     "Meta's pretrained SAM2.1, and train for a tiny budget. Random weights on CPU say nothing about the paper's "
@@ -52,6 +53,8 @@ def collect(grid: Grid, out: Path) -> list[dict[str, Any]]:
             miou=mean_of(evaluation.get("miou")), dice=mean_of(evaluation.get("mean_foreground_dice")),
             hd95=mean_of(evaluation.get("mean_foreground_hd95")), hd95_unit=evaluation.get("hd95_unit"),
             best_val_miou=mean_of(metrics.get("best_val_mIoU")), seconds=metrics.get("seconds"),
+            transunet_dice=(evaluation.get("protocols") or {}).get("transunet", {}).get("mean_dice"),
+            image_mdice=(evaluation.get("protocols") or {}).get("per_image", {}).get("mdice"),
             trainable_parameters=(metrics.get("parameters") or {}).get("trainable"),
             cases={name: len(split.get(name) or []) for name in ("train", "val", "test")} if split else None,
         )
