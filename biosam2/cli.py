@@ -7,6 +7,7 @@
     biosam2 predict RUN INPUT OUT         label maps for a file, folder or volume
     biosam2 evaluate PRED GT              mIoU / Dice / HD95 of predictions against ground truth
     biosam2 report RUN                    the visual quality-control report, RUN/report.html
+    biosam2 splits DATA --folds 5         nnU-Net's k-fold splits_final.json (then train --fold all)
     biosam2 bench efficiency|accuracy     the efficiency table; the accuracy/ablation grid
     biosam2 selfcheck --device cuda       train, resume, save, predict, compare with the CPU, bench: one line per check
 
@@ -17,6 +18,7 @@ command exits with status 2; an interrupted command exits with 130.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import warnings
@@ -78,6 +80,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from biosam2.errors import ConfigError
     from biosam2.training.run import CONFIG_FILE, train
 
+    if args.fold == "all":
+        return _train_all_folds(args)
     config = _train_config(args)
     run = Path(args.out)
     if args.resume and (run / CONFIG_FILE).exists():
@@ -102,6 +106,63 @@ def cmd_train(args: argparse.Namespace) -> int:
     if summary is not None:  # None in the other processes of a multi-process run
         _print_summary(run, summary)
     return 0
+
+
+def _train_all_folds(args: argparse.Namespace) -> int:
+    """``--fold all``: every fold of splits_final.json into OUT/fold_K, then OUT/folds.json (mean ± std)."""
+    import statistics
+
+    from biosam2.atomic_io import atomic_write_json
+    from biosam2.data.dataset_format import load_dataset_spec
+
+    folds = load_dataset_spec(args.data).load_splits()
+    if not folds:
+        raise ConfigError(f"{args.data}: --fold all needs a splits_final.json; write one with `biosam2 splits {args.data}`")
+    parent, results = Path(args.out), {}
+    for fold in range(len(folds)):
+        run = parent / f"fold_{fold}"
+        if (run / "metrics.json").is_file() and args.resume:
+            print(f"fold {fold}: finished before ({run})")
+        else:
+            print(f"fold {fold} of {len(folds)}: {run}", flush=True)
+            cmd_train(argparse.Namespace(**{**vars(args), "fold": fold, "out": str(run)}))
+        results[fold] = json.loads((run / "metrics.json").read_text()) if (run / "metrics.json").is_file() else None
+    if any(summary is None for summary in results.values()):
+        return 0  # the other processes of a multi-process run: rank 0 writes the summary
+    summary: dict[str, Any] = {"folds": {}, "note": "one run per fold of splits_final.json; mean ± population std over folds"}
+    for key, pick in (("best_val_mIoU", lambda m: m.get("best_val_mIoU")), ("test_mIoU", lambda m: (m.get("test") or {}).get("miou"))):
+        values = [pick(m) for m in results.values() if pick(m) is not None]
+        for fold, metrics in results.items():
+            summary["folds"].setdefault(str(fold), {})[key] = pick(metrics)
+        if values:
+            summary[key] = {"mean": statistics.fmean(values), "std": statistics.pstdev(values), "n": len(values)}
+            print(f"{key}: {summary[key]['mean']:.4f} ± {summary[key]['std']:.4f} over {len(values)} folds")
+    atomic_write_json(parent / "folds.json", summary)
+    print(f"Written: {parent / 'folds.json'}")
+    return 0
+
+
+def cmd_splits(args: argparse.Namespace) -> int:
+    from biosam2.data.dataset_format import SPLITS_JSON, load_dataset_spec, write_splits
+    from biosam2.data.splits import kfold_splits
+
+    spec = load_dataset_spec(args.data)
+    if (spec.root / SPLITS_JSON).exists() and not args.overwrite:
+        raise ConfigError(f"{spec.root / SPLITS_JSON} exists (runs may name its folds); --overwrite replaces it")
+    folds = kfold_splits([case.case_id for case in spec.list_cases("train")], args.folds, args.seed)
+    write_splits(spec.root, folds)
+    print(f"Written: {spec.root / SPLITS_JSON}: {len(folds)} folds of "
+          f"{', '.join(str(len(f['val'])) for f in folds)} validation cases (nnU-Net's KFold, seed {args.seed})")
+    return 0
+
+
+def _fold(value: str) -> int | str:
+    if value == "all":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r}: a fold number, or all") from None
 
 
 def _same_weights(given: str | None, saved: str | None) -> bool:
@@ -246,7 +307,8 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
     add(optim, "--weight-decay", "Adam weight decay", type=float)
     add(optim, "--loss", "training loss", choices=LOSSES)
     data = parser.add_argument_group("data")
-    add(data, "--fold", "fold of splits_final.json", type=int)
+    add(data, "--fold", "fold of splits_final.json; all: every fold into OUT/fold_K, summarised in OUT/folds.json",
+        type=_fold)
     add(data, "--patch-size", "training crop size (crop), or size whole images are resized to (resize)", type=int)
     add(data, "--input-mode", "training samples: random crops or whole images resized", choices=INPUT_MODES)
     data.add_argument("--no-augment", dest="augment", action="store_const", const=False, help="disable augmentation")
@@ -330,6 +392,12 @@ def build_parser() -> argparse.ArgumentParser:
                           "imagesTr beside a labelsTs/labelsTr ground-truth folder, if there)")
     evaluate.add_argument("--worst", type=int, default=8, help="cases shown in the report's gallery, worst first (default: %(default)s)")
     evaluate.set_defaults(handler=cmd_evaluate)
+    splits = commands.add_parser("splits", help="write nnU-Net's k-fold splits_final.json for a dataset")
+    splits.add_argument("data", help="dataset folder")
+    splits.add_argument("--folds", type=int, default=5, help="number of folds (default: %(default)s)")
+    splits.add_argument("--seed", type=int, default=12345, help="shuffle seed (default: nnU-Net's %(default)s)")
+    splits.add_argument("--overwrite", action="store_true", help="replace an existing splits_final.json")
+    splits.set_defaults(handler=cmd_splits)
     report = commands.add_parser("report", help="the visual quality-control report of a run (RUN/report.html)")
     report.add_argument("run", help="run directory (written by biosam2 train)")
     report.add_argument("--worst", type=int, default=8, help="cases shown in the gallery, worst first (default: %(default)s)")

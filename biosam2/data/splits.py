@@ -2,6 +2,7 @@
 
 Train/val come from ``splits_final.json`` (nnU-Net's folds), or, without one, from a seeded 80/20 split
 of ``imagesTr`` (said so in the split's note); test is every labelled case of ``imagesTs``.
+:func:`kfold_splits` writes nnU-Net's own k folds (``biosam2 splits DATA``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,27 @@ import numpy as np
 
 from biosam2.data.dataset_format import CaseFiles, DatasetSpec
 from biosam2.errors import ConfigError, DataError
+
+
+NNUNET_SPLIT_SEED = 12345  # nnU-Net v2's generate_crossval_split
+
+
+def kfold_splits(case_ids: list[str], folds: int = 5, seed: int = NNUNET_SPLIT_SEED) -> list[dict[str, list[str]]]:
+    """The k train/val folds nnU-Net v2 makes: scikit-learn's ``KFold(folds, shuffle=True,
+    random_state=seed)`` over the sorted case ids (reproduced with numpy, so scikit-learn is not needed:
+    the same permutation, the first ``n % k`` folds one case larger)."""
+    ids = sorted(case_ids)
+    if not 2 <= folds <= len(ids):
+        raise ConfigError(f"--folds {folds}: needs 2..{len(ids)} folds for {len(ids)} training cases")
+    order = np.arange(len(ids))
+    np.random.RandomState(seed).shuffle(order)
+    sizes = [len(ids) // folds + (1 if index < len(ids) % folds else 0) for index in range(folds)]
+    starts = np.cumsum([0, *sizes])
+    splits = []
+    for index in range(folds):
+        val = set(order[starts[index] : starts[index + 1]].tolist())
+        splits.append({"train": [ids[i] for i in range(len(ids)) if i not in val], "val": sorted(ids[i] for i in val)})
+    return splits
 
 
 @dataclass
