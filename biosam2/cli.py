@@ -200,6 +200,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     model, metadata = _load_run_model(Path(args.run), args.weights)
     if "normalization" not in metadata:
         raise BioSAM2Error(f"{args.run}: the artifact does not record its intensity normalisation; was it saved by `biosam2 train`?")
+    if args.ensemble or args.tta:
+        from biosam2.inference.averaging import Averaged, check_ensemble
+
+        members = [(args.run, model, metadata)] + [(run, *_load_run_model(Path(run), args.weights)) for run in args.ensemble]
+        check_ensemble([(name, meta) for name, _, meta in members])
+        model = Averaged([member for _, member, _ in members], mirror=args.tta)
     labels = metadata.get("labels", {})
     written = predict_files(
         model,
@@ -380,6 +386,10 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--channel-files", dest="channel_files", action="store_const", const=True, default=None,
                          help="group nnU-Net channel files CASE_0000, CASE_0001, ... into one case CASE (automatic in a dataset's "
                          "imagesTr/imagesTs folder beside dataset.json); otherwise every file is its own image")
+    predict.add_argument("--tta", action="store_true", help="test-time augmentation: average the probabilities of the "
+                         "4 mirrorings of each image (4x the time)")
+    predict.add_argument("--ensemble", nargs="+", default=[], metavar="RUN",
+                         help="more runs (e.g. the folds of --fold all) whose probabilities are averaged with RUN's")
     predict.set_defaults(handler=cmd_predict)
 
     evaluate = commands.add_parser("evaluate", help="mIoU, Dice and HD95 of predictions against ground truth")
