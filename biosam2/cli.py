@@ -221,6 +221,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         channel_files=args.channel_files,
         channel_names=metadata.get("channel_names"),
+        keep_largest=[] if args.no_postprocess else (metadata.get("postprocessing") or {}).get("largest_component"),
     )
     print(f"{len(written)} label map(s) written to {args.out}")
     return 0
@@ -386,6 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--channel-files", dest="channel_files", action="store_const", const=True, default=None,
                          help="group nnU-Net channel files CASE_0000, CASE_0001, ... into one case CASE (automatic in a dataset's "
                          "imagesTr/imagesTs folder beside dataset.json); otherwise every file is its own image")
+    predict.add_argument("--no-postprocess", action="store_true",
+                         help="skip the run's postprocessing (largest connected component of the classes where it raised validation Dice)")
     predict.add_argument("--tta", action="store_true", help="test-time augmentation: average the probabilities of the "
                          "4 mirrorings of each image (4x the time)")
     predict.add_argument("--ensemble", nargs="+", default=[], metavar="RUN",

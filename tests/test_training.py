@@ -35,7 +35,7 @@ def test_run_directory_holds_everything_promised(trained):
     run, summary = trained
     for name in ["config.yaml", "run.json", "metrics.json", "curves.png", "evaluation.json", "evaluation.md",
                  "checkpoints/last.ckpt", "checkpoints/best.ckpt", "model/biosam2.json", "model/biosam2.safetensors",
-                 "logs/version_0/metrics.csv"]:
+                 "logs/version_0/metrics.csv", "val_evaluation.json", "report.html"]:
         assert (run / name).is_file(), name
     assert len(list((run / "overlays").glob("*.png"))) == 2
     assert len(list((run / "test_predictions").glob("*.png"))) == 2
@@ -44,6 +44,11 @@ def test_run_directory_holds_everything_promised(trained):
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics == json.loads(json.dumps(summary))
     assert metrics["epochs_trained"] == 2
+    # the postprocessing chosen on the validation cases is in the summary and in the artifact, for predict
+    chosen = metrics["postprocessing"]["largest_component"]
+    assert all(dice["with"] > dice["without"] for c, dice in metrics["postprocessing"]["validation_dice"].items() if int(c) in chosen)
+    description = json.loads((run / "model" / "biosam2.json").read_text())
+    assert description["metadata"]["postprocessing"] == {"largest_component": chosen}
     # the summary reports what the run measured: the best epoch of the logged curve, the written evaluation
     from biosam2.visualization import epoch_series
 

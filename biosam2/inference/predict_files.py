@@ -41,7 +41,7 @@ from biosam2.data.image_io import (
 )
 from biosam2.data.normalization import Normalization
 from biosam2.errors import ConfigError, DataError
-from biosam2.inference.predictor import Predictor, compact_labels
+from biosam2.inference.predictor import Predictor
 from biosam2.visualization import write_overlay
 
 log = logging.getLogger("biosam2")
@@ -192,6 +192,7 @@ def predict_files(
     channel_names: dict[str, str] | None = None,
     max_side: int = 2048,
     tile_size: int = 1024,
+    keep_largest: list[int] | None = None,
 ) -> list[Path]:
     """Predict every input case and write the results to ``output``; returns the label map paths.
 
@@ -200,6 +201,7 @@ def predict_files(
     None (default) does so only for a dataset's images folder (``imagesTs`` beside ``dataset.json``).
     ``channel_names``: the run's (dataset.json's); each input's channels are checked against them.
     ``max_side``, ``tile_size``: 2-D images with a side above ``max_side`` are predicted in tiles (see Predictor).
+    ``keep_largest``: classes whose largest connected component alone is kept (the run's postprocessing).
     """
     inputs, output = Path(inputs), Path(output)
     if batch_size < 1:
@@ -210,7 +212,8 @@ def predict_files(
     cases = find_inputs(inputs, channel_files)
     check_output_location(inputs, output)
     input_files = {p.resolve() for case in cases for p in case.files}
-    predictor = Predictor(model, batch_size=batch_size, device=device, precision=precision, max_side=max_side, tile_size=tile_size)
+    predictor = Predictor(model, batch_size=batch_size, device=device, precision=precision, max_side=max_side,
+                          tile_size=tile_size, keep_largest=keep_largest)
     # Results go to a staging folder and are published only once every case succeeded. A new OUT
     # appears with one rename (a kill leaves no OUT at all); into an existing OUT files are moved one
     # by one under an INCOMPLETE_MARKER that `evaluate` refuses until the move has finished.
@@ -249,7 +252,7 @@ def predict_files(
                 batch = pending[0][2][None] if len(pending) == 1 else np.stack([image for _, _, image in pending])
                 labels, probs = predictor.predict_2d(batch, return_probabilities=probabilities)
                 for index, (case, reference, image) in enumerate(pending):
-                    finish(case, reference, image, compact_labels(labels[index]), None if probs is None else probs[index])
+                    finish(case, reference, image, predictor.finish(labels[index]), None if probs is None else probs[index])
                 pending.clear()
 
         for case in cases:

@@ -42,6 +42,7 @@ class Predictor:
         max_side: int = 2048,
         tile_size: int = 1024,
         tile_overlap: float = 0.25,
+        keep_largest: list[int] | None = None,
     ):
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.model = model.to(self.device).eval()
@@ -50,6 +51,13 @@ class Predictor:
         self.max_side = max_side
         self.tile_size = tile_size
         self.tile_overlap = tile_overlap
+        self.keep_largest = keep_largest or []  # classes whose largest connected component alone is kept
+
+    def finish(self, labels: np.ndarray) -> np.ndarray:
+        """A whole case's label map as it is written: compact, postprocessed (see postprocess.py)."""
+        from biosam2.inference.postprocess import keep_largest_component
+
+        return compact_labels(keep_largest_component(labels, self.keep_largest))
 
     def _autocast(self):
         # "32" adds no autocast of its own: inside Lightning's validation loop the trainer's precision applies.
@@ -104,7 +112,7 @@ class Predictor:
         """A channels-first image (C, H, W) or volume (C, X, Y, Z) -> label map (and probabilities)."""
         if image.ndim == 3:
             labels, probabilities = self.predict_2d(torch.from_numpy(np.ascontiguousarray(image))[None], return_probabilities)
-            return compact_labels(labels[0]), (probabilities[0] if return_probabilities else None)
+            return self.finish(labels[0]), (probabilities[0] if return_probabilities else None)
         slices = torch.from_numpy(np.ascontiguousarray(np.moveaxis(image, -1, 0)))  # (Z, C, X, Y)
         labels = probabilities = None
         for start in range(0, slices.shape[0], self.batch_size):
@@ -116,7 +124,7 @@ class Predictor:
                 if probabilities is None:
                     probabilities = np.empty((chunk.shape[1], *image.shape[1:]), dtype=np.float32)
                 probabilities[..., start : start + chunk.shape[0]] = np.moveaxis(chunk, 0, -1)
-        return compact_labels(labels), probabilities
+        return self.finish(labels), probabilities
 
 
 def _argmax_labels(scores: torch.Tensor, band_pixels: int = 1 << 22) -> np.ndarray:

@@ -13,7 +13,7 @@ Run directory::
       model/                 the small artifact (best epoch; LW fused): biosam2 predict RUN ...
       test_predictions/      label maps predicted for the test split
       evaluation.json/.md    test metrics (mIoU as the paper reports it, Dice, HD95)
-      val_predictions/, val_evaluation.json/.md   the same for the validation cases, in runs without a test evaluation
+      val_predictions/, val_evaluation.json/.md   the same for the validation cases (before postprocessing)
       metrics.json           summary: best validation mIoU and epoch, test metrics, parameters, time
       report.html            the visual quality-control report (biosam2 report RUN rebuilds it)
 """
@@ -60,6 +60,7 @@ from biosam2.training.data_module import SegmentationData
 from biosam2.training.distributed import is_first_process
 from biosam2.training.module import SegmentationModule, check_checkpoint
 from biosam2.evaluation.html_report import report_for_run
+from biosam2.inference.postprocess import choose_classes
 from biosam2.visualization import plot_learning_curves, write_overlay
 
 log = logging.getLogger("biosam2")
@@ -345,7 +346,13 @@ def _train(data, run: Path, config: TrainConfig, *, resume: bool, progress_bar: 
     model = module.model.cpu().eval()
     if model.config.adapter == "lw":
         model.reparameterize()
-    model.save_pretrained(run / "model", metadata=run_info)
+    predictor = Predictor(model, batch_size=config.batch_size, precision=config.precision)  # as trained
+    # The validation cases, predicted whole, decide the postprocessing (and make the report of runs
+    # without a test evaluation); the artifact records it, for predict.
+    validation = evaluate_split(predictor, spec, split.val, normalization, run, stem="val_")
+    postprocessing = choose_classes(run / "val_predictions", spec.root / "labelsTr", [c.case_id for c in split.val], spec.num_classes)
+    predictor.keep_largest = postprocessing["classes"]
+    model.save_pretrained(run / "model", metadata={**run_info, "postprocessing": {"largest_component": postprocessing["classes"]}})
 
     summary: dict[str, Any] = {
         "best_val_mIoU": float(best.best_model_score) if best.best_model_score is not None else None,
@@ -355,17 +362,15 @@ def _train(data, run: Path, config: TrainConfig, *, resume: bool, progress_bar: 
         "split": split.note,
         "normalization": normalization.to_dict(),
         "ignore_label": spec.ignore_label,
+        "val_inference_seconds": validation.pop("inference_seconds"),
+        "postprocessing": {"largest_component": postprocessing["classes"], "validation_dice": postprocessing["validation_dice"]},
     }
     plot_learning_curves(sorted((run / "logs").glob("version_*/metrics.csv"), key=_version_number), run / "curves.png")
-    predictor = Predictor(model, batch_size=config.batch_size, precision=config.precision)  # as trained
     for case in val_cases[: config.overlays]:
         prediction, _ = predictor.predict(case.image)
         write_overlay(run / "overlays" / f"{case.case_id}.png", case.image, case.label, prediction, spec.class_names)
     if config.evaluate_test and split.test:
         summary["test"] = evaluate_split(predictor, spec, split.test, normalization, run)
-    elif val_cases:  # the report then shows the validation cases, and says so
-        validation = evaluate_split(predictor, spec, split.val, normalization, run, stem="val_")
-        summary["val_inference_seconds"] = validation.pop("inference_seconds")
     summary["seconds"] = round(time.time() - started, 1)
     atomic_write_json(run / "metrics.json", summary)
     try:
