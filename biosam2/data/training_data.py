@@ -110,7 +110,11 @@ class ShardSampler(Sampler):
 
 
 class SliceDataset(Dataset):
-    """Every 2-D image, and every slice of every volume, of the training cases, augmented."""
+    """Every 2-D image, and every slice of every volume, of the training cases, augmented.
+
+    ``cases``: in-memory :class:`Case` objects, or :class:`~biosam2.data.cache.CachedCase` entries that
+    read each sample's slice from the preprocessed cache (the same values, so the same samples).
+    """
 
     def __init__(
         self,
@@ -122,9 +126,7 @@ class SliceDataset(Dataset):
         resize_to: int | None = None,
     ):
         self.cases = list(cases)
-        self.samples = [
-            (c, z) for c, case in enumerate(self.cases) for z in (range(case.image.shape[-1]) if case.is_volume else [None])
-        ]
+        self.samples = [(c, z) for c, case in enumerate(self.cases) for z in (range(case.num_slices) if case.is_volume else [None])]
         self.transform = build_augmentation(patch_size, input_mode, augment, resize_to)
         self.seed = seed
 
@@ -134,9 +136,7 @@ class SliceDataset(Dataset):
     def __getitem__(self, key: tuple[int, int] | int) -> tuple[torch.Tensor, torch.Tensor]:
         epoch, index = key if isinstance(key, tuple) else (0, key)
         case_index, z = self.samples[index]
-        case = self.cases[case_index]
-        image = case.image if z is None else case.image[..., z]  # (C, H, W)
-        label = case.label if z is None else case.label[..., z]
+        image, label = self.cases[case_index].sample(z)  # (C, H, W), (H, W)
         self.transform.set_random_seed(sample_seed(self.seed, epoch, index))
         # uint8 is lossless: class ids are below IGNORE_INDEX (255), which dataset_format enforces.
         # Masks are resampled nearest-neighbour, so IGNORE_INDEX never blends into a class.
@@ -146,7 +146,7 @@ class SliceDataset(Dataset):
 
 
 class CaseDataset(Dataset):
-    """Whole cases at native resolution (validation and test)."""
+    """Whole cases at native resolution (validation and test), loaded one at a time when cached."""
 
     def __init__(self, cases: Sequence[Case]):
         self.cases = list(cases)
@@ -155,7 +155,7 @@ class CaseDataset(Dataset):
         return len(self.cases)
 
     def __getitem__(self, index: int) -> Case:
-        return self.cases[index]
+        return self.cases[index].load()
 
 
 def collate_cases(batch: list[Case]) -> list[Case]:
