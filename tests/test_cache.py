@@ -162,3 +162,19 @@ def test_peak_memory_does_not_grow_with_the_number_of_volumes(tmp_path):
         assert result.returncode == 0, result.stderr[-3000:]
         peaks[count] = json.loads(result.stdout.strip().splitlines()[-1])["peak_rss_mb"]
     assert peaks[32] - peaks[8] < 200, peaks
+
+
+def test_the_cache_moves_to_the_user_cache_when_the_dataset_folder_cannot_hold_it(tmp_path, monkeypatch):
+    root = write_synthetic_volumes(tmp_path / "ct", train=1, val=1, shape=(16, 16, 3))
+    (root / CACHE_FOLDER).write_text("not a folder")  # stands in for a read-only dataset (root ignores permissions)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "user"))
+    spec, files = _cases(root)
+    folder, written = preprocess(spec, files, "ct", progress=False)
+    assert folder.parent == tmp_path / "user" / "biosam2" and folder.name.startswith("ct-") and written == 2
+
+
+def test_a_bad_case_in_a_worker_process_is_reported_naming_its_file(tmp_path, capsys):
+    root = write_synthetic_volumes(tmp_path / "ct", train=3, val=1, shape=(16, 16, 3), normalization={"scheme": "uint8"})
+    assert main(["preprocess", str(root), "--workers", "2", "--no-progress"]) == 2
+    error = capsys.readouterr().err
+    assert "int16 pixels in a dataset normalised as 8-bit images" in error and "vol_000" in error and "Traceback" not in error
