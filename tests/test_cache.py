@@ -178,3 +178,20 @@ def test_a_bad_case_in_a_worker_process_is_reported_naming_its_file(tmp_path, ca
     assert main(["preprocess", str(root), "--workers", "2", "--no-progress"]) == 2
     error = capsys.readouterr().err
     assert "int16 pixels in a dataset normalised as 8-bit images" in error and "vol_000" in error and "Traceback" not in error
+
+
+def test_the_other_ranks_wait_for_rank_0s_cache(tmp_path):
+    import threading
+
+    from biosam2.data.cache import wait_for_cache
+
+    root = write_synthetic_volumes(tmp_path / "ct", train=2, val=1, shape=(16, 16, 3))
+    spec, files = _cases(root)
+    waited = {}
+    waiter = threading.Thread(target=lambda: waited.setdefault("folder", wait_for_cache(spec, files, "ct", poll=0.05)))
+    waiter.start()
+    time.sleep(0.3)
+    assert waiter.is_alive() and not (root / CACHE_FOLDER / "cases").exists()  # nothing is written by a waiting rank
+    folder, _ = preprocess(spec, files, "ct", progress=False)
+    waiter.join(10)
+    assert waited["folder"] == folder

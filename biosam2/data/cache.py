@@ -127,8 +127,9 @@ def preprocess(
 ) -> tuple[Path, int]:
     """Bring the cache up to date for ``cases``; returns its folder and how many cases were (re)written.
 
-    One process writes at a time: the others (DDP ranks, a second ``preprocess``) wait for its lock,
-    then find the cases done. A killed run leaves its finished cases marked and the rest is redone.
+    One process writes at a time: another (a second ``preprocess`` or ``train``) waits for its lock, then
+    finds the cases done; the other ranks of a multi-process run call wait_for_cache() instead. A killed
+    run leaves its finished cases marked and the rest is redone.
     """
     folder = Path(cache_dir) if cache_dir is not None else default_cache_dir(spec.root)
     try:
@@ -145,6 +146,24 @@ def preprocess(
                 log.info("waiting for %s to finish preprocessing into %s", locked.holder, folder)
                 waiting = True
             time.sleep(1)
+
+
+def wait_for_cache(spec: DatasetSpec, cases: list[CaseFiles], scheme: str, cache_dir: str | Path | None = None, poll: float = 2.0) -> Path:
+    """For the other processes of a multi-process run: wait until rank 0 has preprocessed ``cases``.
+
+    They never write, so they cannot race rank 0 on a file system whose locks do not reach across
+    nodes. If rank 0 fails, its launcher (torchrun, SLURM, Lightning) ends them.
+    """
+    folder = Path(cache_dir) if cache_dir is not None else default_cache_dir(spec.root)
+    logged = False
+    while True:
+        done = sum(_valid_marker(folder, spec, files, scheme) is not None for files in cases)
+        if done == len(cases):
+            return folder
+        if not logged:
+            log.info("waiting for rank 0 to preprocess into %s (%d of %d cases ready)", folder, done, len(cases))
+            logged = True
+        time.sleep(poll)
 
 
 def _build_missing(spec: DatasetSpec, cases: list[CaseFiles], scheme: str, folder: Path, workers: int, progress: bool) -> int:

@@ -44,7 +44,7 @@ from biosam2.atomic_io import (
     directory_lock,
     disk_full,
 )
-from biosam2.data.cache import cached_cases, preprocess
+from biosam2.data.cache import cached_cases, preprocess, wait_for_cache
 from biosam2.data.cases import Case, load_case, resolve_normalization
 from biosam2.data.dataset_format import CaseFiles, DatasetSpec, load_dataset_spec
 from biosam2.data.image_io import IMAGE_2D_ENDINGS, write_like
@@ -270,7 +270,11 @@ def _train(data, run: Path, config: TrainConfig, *, resume: bool, progress_bar: 
     normalization = resolve_normalization(spec, split.train)
     L.seed_everything(config.seed, workers=True, verbose=False)
     if cache:  # preprocessed once, then read a slice at a time: memory does not grow with the dataset
-        folder, _ = preprocess(spec, [*split.train, *split.val], normalization.scheme, cache_dir, workers=config.num_workers, progress=progress_bar)
+        needed = [*split.train, *split.val]
+        if first:  # rank 0 builds; the other ranks wait for it (and never write)
+            folder, _ = preprocess(spec, needed, normalization.scheme, cache_dir, workers=config.num_workers, progress=progress_bar)
+        else:
+            folder = wait_for_cache(spec, needed, normalization.scheme, cache_dir)
         train_cases, val_cases = (cached_cases(folder, spec, files, normalization) for files in (split.train, split.val))
     else:
         train_cases = [load_case(spec, files, normalization) for files in split.train]
