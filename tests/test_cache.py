@@ -195,3 +195,23 @@ def test_the_other_ranks_wait_for_rank_0s_cache(tmp_path):
     folder, _ = preprocess(spec, files, "ct", progress=False)
     waiter.join(10)
     assert waited["folder"] == folder
+
+
+def test_foreground_share_centres_crops_on_foreground(tmp_path):
+    from biosam2.errors import ConfigError
+
+    root = write_synthetic_volumes(tmp_path / "ct", train=2, val=1, shape=(128, 128, 8), normalization={"scheme": "zscore"})
+    spec, files = _cases(root)
+    norm = Normalization("zscore")
+    folder, _ = preprocess(spec, files, norm.scheme, progress=False)
+    cases = cached_cases(folder, spec, files, norm)
+    with_foreground = [(i, z) for i, case in enumerate(cases) for z in range(8) if (case.sample(z)[1] > 0).any()]
+
+    def crops_with_foreground(share: float) -> int:
+        samples = SliceDataset(cases, patch_size=24, augment=False, seed=0, foreground_share=share)
+        return sum(bool((samples[(0, index)][1] > 0).any()) for index in range(len(samples)))
+
+    # Every slice that holds foreground gives a crop on it at share 1; uniform crops miss it often.
+    assert crops_with_foreground(1.0) == len(with_foreground) > crops_with_foreground(0.0)
+    with pytest.raises(ConfigError, match="needs input_mode crop"):
+        TrainConfig(foreground_share=0.5, input_mode="resize")
