@@ -3,6 +3,7 @@
     biosam2 demo                          synthetic data -> check -> train -> predict -> evaluate
     biosam2 convert NAME SRC DST          a public dataset's distribution -> biosam2's format
     biosam2 check-data DATA               validate a dataset, reporting every problem at once
+    biosam2 preprocess DATA               write the training cases once into the cache train reads from
     biosam2 train DATA --out RUN          train, select on validation, evaluate on test
     biosam2 predict RUN INPUT OUT         label maps for a file, folder or volume
     biosam2 evaluate PRED GT              mIoU / Dice / HD95 of predictions against ground truth
@@ -34,6 +35,8 @@ from biosam2.options import ADAPTERS, BENCHMARKS, INPUT_MODES, LOSSES, POSITIONA
 from biosam2.training.config import TrainConfig, config_field_names
 
 log = logging.getLogger("biosam2")
+CACHE_DIR_HELP = ("preprocessed cache folder (default: DATA/biosam2-cache, or ~/.cache/biosam2/NAME-HASH when DATA is "
+                  "read-only); delete it to free the space")
 
 
 # ---- sub-commands -------------------------------------------------------------------------------
@@ -49,6 +52,13 @@ def cmd_convert(args: argparse.Namespace) -> int:
     options = {"source_labels": args.source_labels} if args.source_labels else {}
     summary = convert_dataset(args.name, Path(args.src), Path(args.dst), seed=args.seed, limit=args.limit, overwrite=args.overwrite, **options)
     print(summary)
+    return 0
+
+
+def cmd_preprocess(args: argparse.Namespace) -> int:
+    from biosam2.data.cache import preprocess_dataset
+
+    print(preprocess_dataset(args.data, args.cache_dir, workers=args.workers, progress=not args.no_progress))
     return 0
 
 
@@ -102,7 +112,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                 + ". Only --epochs may be raised (to extend the run); start a new run (another --out) to change the others"
             )
         config = replace(saved, epochs=epochs)
-    summary = train(args.data, run, config, resume=args.resume, progress_bar=not args.no_progress)
+    summary = train(args.data, run, config, resume=args.resume, progress_bar=not args.no_progress, cache=args.cache, cache_dir=args.cache_dir)
     if summary is not None:  # None in the other processes of a multi-process run
         _print_summary(run, summary)
     return 0
@@ -318,6 +328,7 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
         type=_fold)
     add(data, "--patch-size", "training crop size (crop), or size whole images are resized to (resize)", type=int)
     add(data, "--input-mode", "training samples: random crops or whole images resized", choices=INPUT_MODES)
+    add(data, "--foreground-share", "share of training crops centred on a foreground pixel (nnU-Net: 0.33)", type=float)
     data.add_argument("--no-augment", dest="augment", action="store_const", const=False, help="disable augmentation")
     add(data, "--limit-train-batches", "cap on steps per epoch", unset="no cap", type=int)
     run = parser.add_argument_group("run")
@@ -361,12 +372,24 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("data")
     check.set_defaults(handler=cmd_check_data)
 
+    preprocess = commands.add_parser(
+        "preprocess", help="write the training cases once into the cache that train reads lazily (train does it when needed)"
+    )
+    preprocess.add_argument("data", help="dataset folder")
+    preprocess.add_argument("--cache-dir", help=CACHE_DIR_HELP)
+    preprocess.add_argument("--workers", type=int, default=0, help="parallel processes (default: %(default)s, in this one)")
+    preprocess.add_argument("--no-progress", action="store_true", help="no progress bar")
+    preprocess.set_defaults(handler=cmd_preprocess)
+
     train = commands.add_parser("train", help="train on a dataset; writes a run directory")
     train.add_argument("data", help="dataset folder (dataset.json, imagesTr/, ...)")
     train.add_argument("--out", required=True, help="run directory")
     train.add_argument("--config", help="YAML file of training options (command-line options override it)")
     train.add_argument("--resume", action="store_true", help="continue a stopped run from its last checkpoint")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
+    train.add_argument("--cache-dir", help=CACHE_DIR_HELP)
+    train.add_argument("--no-cache", dest="cache", action="store_false",
+                       help="load every case into memory instead of the preprocessed cache (small datasets, no spare disk)")
     _add_train_options(train)
     train.set_defaults(handler=cmd_train)
 

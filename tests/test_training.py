@@ -78,7 +78,7 @@ class StartingPoint(biosam2.training.run.Callback):
         self.iou = iou_from_confusion(module.val_confusion.compute())
         module.val_confusion.reset()
         cases = trainer.datamodule.val_set.cases
-        labels = np.concatenate([case.label.ravel() for case in cases])
+        labels = np.concatenate([case.load().label.ravel() for case in cases])
         self.all_background_miou = float(np.mean(labels == 0) / len(np.unique(labels)))  # predicting 0 everywhere
 
 

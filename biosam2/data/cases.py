@@ -8,7 +8,7 @@ import numpy as np
 
 from biosam2.data.dataset_format import IGNORE_INDEX, CaseFiles, DatasetSpec
 from biosam2.data.image_io import LoadedImage, read_image, read_label, same_geometry
-from biosam2.data.normalization import Normalization, ct_window_from_foreground, scheme_for
+from biosam2.data.normalization import Normalization, ct_window_from_cases, scheme_for
 from biosam2.errors import DataError
 
 
@@ -26,6 +26,18 @@ class Case:
     @property
     def spacing(self) -> tuple[float, ...]:
         return self.reference.spacing
+
+    # What the training data asks of a case, whether it is held here or read from the cache (CachedCase).
+    @property
+    def num_slices(self) -> int | None:
+        return self.image.shape[-1] if self.is_volume else None
+
+    def sample(self, z: int | None) -> tuple[np.ndarray, np.ndarray]:
+        """The normalised (C, H, W) image and label map of slice ``z`` (None: the 2-D image)."""
+        return (self.image, self.label) if z is None else (self.image[..., z], self.label[..., z])
+
+    def load(self) -> Case:
+        return self
 
 
 def geometry_only(loaded: LoadedImage) -> LoadedImage:
@@ -91,13 +103,17 @@ def read_case_label(spec: DatasetSpec, files: CaseFiles, reference: LoadedImage)
     return array
 
 
-def load_case(spec: DatasetSpec, files: CaseFiles, normalization: Normalization, with_label: bool = True) -> Case:
-    raw, reference = read_case_image(spec, files)
-    if normalization.scheme == "uint8" and raw.dtype != np.uint8:
+def check_pixel_type(scheme: str, raw: np.ndarray, reference: LoadedImage) -> None:
+    if scheme == "uint8" and raw.dtype != np.uint8:
         raise DataError(
             f"{reference.path}: {raw.dtype} pixels in a dataset normalised as 8-bit images; convert it to 8 bits "
             "or state \"normalization\": {\"scheme\": \"percentile\"} in dataset.json"
         )
+
+
+def load_case(spec: DatasetSpec, files: CaseFiles, normalization: Normalization, with_label: bool = True) -> Case:
+    raw, reference = read_case_image(spec, files)
+    check_pixel_type(normalization.scheme, raw, reference)
     label = read_case_label(spec, files, reference) if with_label else None
     image = np.ascontiguousarray(normalization.apply(raw), dtype=np.float32)
     return Case(files.case_id, image, label, geometry_only(reference))
@@ -107,16 +123,24 @@ def resolve_normalization(spec: DatasetSpec, train_files: list[CaseFiles], max_c
     """The normalisation stated in dataset.json, or derived from the training cases (see normalization.py)."""
     if spec.normalization is not None:
         return Normalization.from_dict(spec.normalization, f"{spec.root / 'dataset.json'}: normalization")
+    scheme = normalization_scheme(spec, train_files)
+    if scheme != "ct":
+        return Normalization(scheme)
+    chosen = train_files[:: max(1, len(train_files) // max_cases)][:max_cases]
+
+    def foreground_cases():  # one case in memory at a time, whatever max_cases is
+        for files in chosen:
+            raw, reference = read_case_image(spec, files)
+            yield raw[0], read_case_label(spec, files, reference)
+
+    return Normalization("ct", ct_window_from_cases(foreground_cases(), len(chosen)))
+
+
+def normalization_scheme(spec: DatasetSpec, train_files: list[CaseFiles]) -> str:
+    """The scheme stated in dataset.json, or the one derived from the first training case."""
+    if spec.normalization is not None:
+        return Normalization.from_dict(spec.normalization, f"{spec.root / 'dataset.json'}: normalization").scheme
     if not train_files:
         raise DataError(f"{spec.root}: no training cases to derive the intensity normalisation from")
     first, _ = read_case_image(spec, train_files[0])
-    scheme = scheme_for(spec.channel_names, first.dtype)
-    if scheme != "ct":
-        return Normalization(scheme)
-    images, labels = [], []
-    step = max(1, len(train_files) // max_cases)
-    for files in train_files[::step][:max_cases]:
-        raw, reference = read_case_image(spec, files)
-        images.append(raw[0])
-        labels.append(read_case_label(spec, files, reference))
-    return Normalization("ct", ct_window_from_foreground(images, labels))
+    return scheme_for(spec.channel_names, first.dtype)

@@ -19,6 +19,7 @@ FLAIR, ADC, DWI, cine) give ``zscore``; otherwise 8-bit data gives ``uint8`` and
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +29,7 @@ from biosam2.data.dataset_format import IGNORE_INDEX
 from biosam2.errors import DataError
 
 SCHEMES = ("uint8", "ct", "zscore", "percentile")
+Statistics = tuple[tuple[float, float], ...]  # per channel
 _MRI_NAMES = re.compile(r"\b(mr|mri|t1\w*|t2\w*|flair|adc|dwi|cine)\b", re.IGNORECASE)
 
 
@@ -43,11 +45,14 @@ class Normalization:
             if self.window is None or len(self.window) != 2 or not self.window[0] < self.window[1]:
                 raise DataError(f"ct normalization needs a window [low, high] with low < high, got {self.window}")
 
-    def apply(self, array: np.ndarray) -> np.ndarray:
+    def apply(self, array: np.ndarray, statistics: Statistics | None = None) -> np.ndarray:
         """Normalise one channels-first image (C, H, W) or volume (C, X, Y, Z) to float32.
 
         ``zscore`` and ``percentile`` take each channel's own statistics, as nnU-Net does: T1, T2 and
         FLAIR of one case have unrelated intensity ranges. ``uint8`` and ``ct`` are fixed maps.
+        ``statistics``: those of the whole image or volume (:meth:`statistics`), given when ``array`` is
+        a part of it (one slice read from the preprocessed cache); the result is then exactly that
+        part of the whole normalised volume, as every step after the statistics is element-wise.
         """
         # One float32 copy, normalised in place: a huge image costs one image-sized float array, not three.
         array = np.array(array, dtype=np.float32, order="C")
@@ -59,19 +64,31 @@ class Normalization:
             array -= low
             array /= high - low
         else:
-            for channel in array:
-                self._per_channel(channel)
+            statistics = self.statistics(array) if statistics is None else statistics
+            if len(statistics) != len(array):
+                raise ValueError(f"{len(statistics)} channel statistics for {len(array)} channel(s)")
+            for channel, (first, second) in zip(array, statistics, strict=True):
+                self._per_channel(channel, first, second)
         return array
 
-    def _per_channel(self, channel: np.ndarray) -> None:
+    def statistics(self, array: np.ndarray) -> Statistics | None:
+        """Per channel (mean, std) for ``zscore``, (0.5, 99.5 percentile) for ``percentile``, of a whole
+        channels-first image or volume; None for the fixed maps."""
+        if self.scheme in ("uint8", "ct"):
+            return None
+        array = np.asarray(array, dtype=np.float32)  # the statistics of the float32 values, as apply() sees them
         if self.scheme == "zscore":
-            mean, std = float(channel.mean()), float(channel.std())
-            channel -= mean
-            channel /= max(std, 1e-6)
+            return tuple((float(channel.mean()), float(channel.std())) for channel in array)
+        return tuple(tuple(float(v) for v in np.percentile(channel, [0.5, 99.5])) for channel in array)
+
+    def _per_channel(self, channel: np.ndarray, first: float, second: float) -> None:
+        if self.scheme == "zscore":
+            channel -= first
+            channel /= max(second, 1e-6)
             channel /= 6.0
             channel += 0.5
             return
-        low, high = np.percentile(channel, [0.5, 99.5])
+        low, high = np.float64(first), np.float64(second)  # np.percentile's float64: the arithmetic stays float64
         if high <= low:  # constant channel
             channel[...] = 0
             return
@@ -99,10 +116,16 @@ def scheme_for(channel_names: dict[str, str], dtype: np.dtype) -> str:
 
 def ct_window_from_foreground(images: list[np.ndarray], labels: list[np.ndarray], max_samples: int = 1_000_000) -> tuple[float, float]:
     """nnU-Net's CT statistics: 0.5/99.5 percentiles of foreground intensities (sub-sampled)."""
+    return ct_window_from_cases(zip(images, labels, strict=True), len(images), max_samples)
+
+
+def ct_window_from_cases(cases: Iterable[tuple[np.ndarray, np.ndarray]], count: int, max_samples: int = 1_000_000) -> tuple[float, float]:
+    """:func:`ct_window_from_foreground` over ``count`` (image, label) pairs read one at a time: only the
+    sampled intensities are kept, never the volumes."""
     rng = np.random.default_rng(0)
     samples = []
-    per_case = max(1, max_samples // max(1, len(images)))
-    for image, label in zip(images, labels, strict=True):
+    per_case = max(1, max_samples // max(1, count))
+    for image, label in cases:
         label = np.asarray(label)
         values = np.asarray(image)[(label > 0) & (label != IGNORE_INDEX)]  # unannotated pixels are no foreground
         if values.size > per_case:

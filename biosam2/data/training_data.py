@@ -22,12 +22,15 @@ from biosam2.data.cases import Case
 from biosam2.data.dataset_format import IGNORE_INDEX  # re-exported: padding and rotation fill with it
 
 
-def build_augmentation(patch_size: int, input_mode: str, augment: bool, resize_to: int | None = None) -> A.Compose:
+def build_augmentation(
+    patch_size: int, input_mode: str, augment: bool, resize_to: int | None = None, random_crop: bool = True
+) -> A.Compose:
     """Flips, rotations, scaling, intensity changes, then the crop (or resize) to ``patch_size``.
 
     ``resize_to``: a model that squashes its inputs to a fixed square (``input_size``) must train at
     that scale too, so every image is first resized to it (e.g. G-SAM's ISBI recipe: resize to 256,
-    then 128-px crops).
+    then 128-px crops). ``random_crop=False``: padded to at least ``patch_size``, the crop left to the
+    caller (foreground-centred crops).
     """
     steps: list[A.BasicTransform] = []
     if resize_to is not None:
@@ -50,7 +53,7 @@ def build_augmentation(patch_size: int, input_mode: str, augment: bool, resize_t
     if input_mode == "crop":
         steps += [
             A.PadIfNeeded(patch_size, patch_size, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=IGNORE_INDEX),
-            A.RandomCrop(patch_size, patch_size),
+            *([A.RandomCrop(patch_size, patch_size)] if random_crop else []),
         ]
     elif input_mode == "resize":
         steps += [A.Resize(patch_size, patch_size, interpolation=cv2.INTER_LINEAR, mask_interpolation=cv2.INTER_NEAREST)]
@@ -110,7 +113,11 @@ class ShardSampler(Sampler):
 
 
 class SliceDataset(Dataset):
-    """Every 2-D image, and every slice of every volume, of the training cases, augmented."""
+    """Every 2-D image, and every slice of every volume, of the training cases, augmented.
+
+    ``cases``: in-memory :class:`Case` objects, or :class:`~biosam2.data.cache.CachedCase` entries that
+    read each sample's slice from the preprocessed cache (the same values, so the same samples).
+    """
 
     def __init__(
         self,
@@ -120,12 +127,16 @@ class SliceDataset(Dataset):
         augment: bool = True,
         seed: int = 0,
         resize_to: int | None = None,
+        foreground_share: float = 0.0,
     ):
+        if foreground_share and input_mode != "crop":
+            raise ValueError("foreground-centred samples need input_mode='crop'")
         self.cases = list(cases)
-        self.samples = [
-            (c, z) for c, case in enumerate(self.cases) for z in (range(case.image.shape[-1]) if case.is_volume else [None])
-        ]
-        self.transform = build_augmentation(patch_size, input_mode, augment, resize_to)
+        self.samples = [(c, z) for c, case in enumerate(self.cases) for z in (range(case.num_slices) if case.is_volume else [None])]
+        # With no foreground share, albumentations' own RandomCrop: the samples of runs before this option.
+        self.transform = build_augmentation(patch_size, input_mode, augment, resize_to, random_crop=not foreground_share)
+        self.patch_size = patch_size
+        self.foreground_share = foreground_share
         self.seed = seed
 
     def __len__(self) -> int:
@@ -134,19 +145,32 @@ class SliceDataset(Dataset):
     def __getitem__(self, key: tuple[int, int] | int) -> tuple[torch.Tensor, torch.Tensor]:
         epoch, index = key if isinstance(key, tuple) else (0, key)
         case_index, z = self.samples[index]
-        case = self.cases[case_index]
-        image = case.image if z is None else case.image[..., z]  # (C, H, W)
-        label = case.label if z is None else case.label[..., z]
+        image, label = self.cases[case_index].sample(z)  # (C, H, W), (H, W)
         self.transform.set_random_seed(sample_seed(self.seed, epoch, index))
         # uint8 is lossless: class ids are below IGNORE_INDEX (255), which dataset_format enforces.
         # Masks are resampled nearest-neighbour, so IGNORE_INDEX never blends into a class.
         out = self.transform(image=np.ascontiguousarray(np.moveaxis(image, 0, -1)), mask=label.astype(np.uint8))
+        if self.foreground_share:
+            out = self._crop(out["image"], out["mask"], np.random.default_rng([self.seed, epoch, index, 1]))
         image_out = torch.from_numpy(np.ascontiguousarray(np.moveaxis(out["image"], -1, 0), dtype=np.float32))
         return image_out, torch.from_numpy(out["mask"].astype(np.int64))
 
 
+    def _crop(self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        """nnU-Net's oversampling, per slice: a ``foreground_share`` of the crops is centred on a random
+        annotated foreground pixel (when the augmented slice has one), the rest placed at random."""
+        size, (height, width) = self.patch_size, mask.shape
+        foreground = np.flatnonzero((mask > 0) & (mask != IGNORE_INDEX)) if rng.random() < self.foreground_share else ()
+        if len(foreground):
+            y, x = divmod(int(rng.choice(foreground)), width)
+            top, left = min(max(y - size // 2, 0), height - size), min(max(x - size // 2, 0), width - size)
+        else:
+            top, left = int(rng.integers(0, height - size + 1)), int(rng.integers(0, width - size + 1))
+        return {"image": image[top : top + size, left : left + size], "mask": mask[top : top + size, left : left + size]}
+
+
 class CaseDataset(Dataset):
-    """Whole cases at native resolution (validation and test)."""
+    """Whole cases at native resolution (validation and test), loaded one at a time when cached."""
 
     def __init__(self, cases: Sequence[Case]):
         self.cases = list(cases)
@@ -155,7 +179,7 @@ class CaseDataset(Dataset):
         return len(self.cases)
 
     def __getitem__(self, index: int) -> Case:
-        return self.cases[index]
+        return self.cases[index].load()
 
 
 def collate_cases(batch: list[Case]) -> list[Case]:

@@ -41,6 +41,8 @@ class TrainConfig:
     patch_size: int = 256
     input_mode: str = "crop"  # "crop": random patch_size crops; "resize": whole image resized to patch_size
     augment: bool = True
+    # share of training crops centred on a foreground pixel (nnU-Net oversamples 0.33); 0: uniform random crops
+    foreground_share: float = 0.0
     limit_train_batches: int | None = None  # cap on steps per epoch (quick runs)
     # run
     seed: int = 0
@@ -68,6 +70,10 @@ class TrainConfig:
         for name in ("epochs", "batch_size", "patch_size", "val_every"):
             if int(getattr(self, name)) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)}: must be at least 1")
+        if not 0.0 <= self.foreground_share <= 1.0:
+            raise ConfigError(f"foreground_share={self.foreground_share}: must be between 0 and 1")
+        if self.foreground_share and self.input_mode != "crop":
+            raise ConfigError("foreground_share needs input_mode crop (resized whole images have nothing to centre)")
         if self.lr <= 0:
             raise ConfigError(f"lr={self.lr}: must be positive")
         self.model_config(num_classes=2)  # validates the model options early, with their names

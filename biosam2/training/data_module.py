@@ -19,7 +19,8 @@ class SegmentationData(L.LightningDataModule):
         super().__init__()
         self.config = config
         self.train_set = SliceDataset(
-            train_cases, config.patch_size, config.input_mode, config.augment, seed=config.seed, resize_to=config.input_size
+            train_cases, config.patch_size, config.input_mode, config.augment, seed=config.seed, resize_to=config.input_size,
+            foreground_share=config.foreground_share,
         )
         self.val_set = CaseDataset(val_cases)
 

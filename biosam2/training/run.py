@@ -46,6 +46,7 @@ from biosam2.atomic_io import (
     directory_lock,
     disk_full,
 )
+from biosam2.data.cache import cached_cases, preprocess, wait_for_cache
 from biosam2.data.cases import Case, load_case, resolve_normalization
 from biosam2.data.dataset_format import CaseFiles, DatasetSpec, load_dataset_spec
 from biosam2.data.image_io import IMAGE_2D_ENDINGS, write_like
@@ -202,10 +203,16 @@ def train(
     resume: bool = False,
     progress_bar: bool = True,
     callbacks: list[Callback] | None = None,
+    cache: bool = True,
+    cache_dir: str | Path | None = None,
 ) -> dict[str, Any] | None:
     """Train, select the best epoch on validation, save the artifact, evaluate on the test split.
 
     ``callbacks`` are extra Lightning callbacks (early stopping, custom logging, ...).
+
+    The training and validation cases are read from the preprocessed cache (``cache_dir``, by default
+    inside the dataset: see biosam2.data.cache), which is brought up to date first; ``cache=False``
+    loads them all into memory instead (small datasets, no spare disk).
 
     With several processes (``devices``/``num_nodes`` > 1, or started by torchrun/SLURM), every process
     trains on its own shard and validation sums one confusion matrix over all of them; only global
@@ -214,12 +221,12 @@ def train(
     """
     run = Path(run)
     if not is_first_process():  # DDP's other ranks: rank 0 holds the run's lock for all of them
-        return _train(data, run, config, resume=resume, progress_bar=progress_bar, callbacks=callbacks)
+        return _train(data, run, config, resume=resume, progress_bar=progress_bar, callbacks=callbacks, cache=cache, cache_dir=cache_dir)
     created = not run.exists()
     try:
         run.mkdir(parents=True, exist_ok=True)
         with directory_lock(run):
-            return _train(data, run, config, resume=resume, progress_bar=progress_bar, callbacks=callbacks)
+            return _train(data, run, config, resume=resume, progress_bar=progress_bar, callbacks=callbacks, cache=cache, cache_dir=cache_dir)
     except DirectoryLocked as locked:
         raise ConfigError(
             f"{run}: another training is running into this run directory ({locked.holder}); "
@@ -233,7 +240,7 @@ def train(
                 run.rmdir()
 
 
-def _train(data, run: Path, config: TrainConfig, *, resume: bool, progress_bar: bool, callbacks) -> dict[str, Any] | None:
+def _train(data, run: Path, config: TrainConfig, *, resume: bool, progress_bar: bool, callbacks, cache: bool, cache_dir) -> dict[str, Any] | None:
     started = time.time()
     data = Path(data)
     last = run / "checkpoints" / "last.ckpt"
@@ -266,8 +273,16 @@ def _train(data, run: Path, config: TrainConfig, *, resume: bool, progress_bar: 
     split = resolve_split(spec, config.fold, config.seed)
     normalization = resolve_normalization(spec, split.train)
     L.seed_everything(config.seed, workers=True, verbose=False)
-    train_cases = [load_case(spec, files, normalization) for files in split.train]
-    val_cases = [load_case(spec, files, normalization) for files in split.val]
+    if cache:  # preprocessed once, then read a slice at a time: memory does not grow with the dataset
+        needed = [*split.train, *split.val]
+        if first:  # rank 0 builds; the other ranks wait for it (and never write)
+            folder, _ = preprocess(spec, needed, normalization.scheme, cache_dir, workers=config.num_workers, progress=progress_bar)
+        else:
+            folder = wait_for_cache(spec, needed, normalization.scheme, cache_dir)
+        train_cases, val_cases = (cached_cases(folder, spec, files, normalization) for files in (split.train, split.val))
+    else:
+        train_cases = [load_case(spec, files, normalization) for files in split.train]
+        val_cases = [load_case(spec, files, normalization) for files in split.val]
     model = build_model(num_classes=spec.num_classes, seed=config.seed, **config.model_options(), weights=config.weights)
     fingerprint = dataset_fingerprint(spec, split)
     if resume:
@@ -366,7 +381,7 @@ def _train(data, run: Path, config: TrainConfig, *, resume: bool, progress_bar: 
         "postprocessing": {"largest_component": postprocessing["classes"], "validation_dice": postprocessing["validation_dice"]},
     }
     plot_learning_curves(sorted((run / "logs").glob("version_*/metrics.csv"), key=_version_number), run / "curves.png")
-    for case in val_cases[: config.overlays]:
+    for case in (entry.load() for entry in val_cases[: config.overlays]):
         prediction, _ = predictor.predict(case.image)
         write_overlay(run / "overlays" / f"{case.case_id}.png", case.image, case.label, prediction, spec.class_names)
     if config.evaluate_test and split.test:
