@@ -215,3 +215,34 @@ def test_foreground_share_centres_crops_on_foreground(tmp_path):
     assert crops_with_foreground(1.0) == len(with_foreground) > crops_with_foreground(0.0)
     with pytest.raises(ConfigError, match="needs input_mode crop"):
         TrainConfig(foreground_share=0.5, input_mode="resize")
+
+
+def test_crops_of_large_images_read_one_region_only(tmp_path):
+    """A 2-D image more than 4 crops wide is read one (2 x crop)-square region per sample, from the
+    cache as from memory (the same samples); smaller images are still read whole."""
+    root = write_synthetic_dataset(tmp_path / "big", train=1, val=1, test=0, min_side=300, max_side=320)
+    spec, files = _cases(root)
+    norm = Normalization("uint8")
+    folder, _ = preprocess(spec, files, norm.scheme, progress=False)
+    entries = cached_cases(folder, spec, files, norm)
+    read: list[tuple[int, int]] = []
+
+    class Spy:  # the cached case, recording the size of what each sample reads
+        def __init__(self, entry):
+            self.entry, self.plane_shape, self.is_volume, self.num_slices = entry, entry.plane_shape, False, None
+
+        def sample(self, z, region=None):
+            image, label = self.entry.sample(z, region)
+            read.append(label.shape)
+            return image, label
+
+    spied = SliceDataset([Spy(e) for e in entries], patch_size=64, seed=1)
+    memory = SliceDataset([load_case(spec, f, norm) for f in files], patch_size=64, seed=1)
+    for key in [(0, 0), (1, 1), (2, 0)]:
+        (a, b), (c, d) = spied[key], memory[key]
+        assert a.equal(c) and b.equal(d) and a.shape[-2:] == (64, 64)
+    assert read == [(128, 128)] * 3  # never the whole 300-px image
+    whole = SliceDataset([Spy(e) for e in entries], patch_size=80, seed=1)  # 300 px is not > 4 x 80
+    read.clear()
+    whole[(0, 0)]
+    assert read == [entries[0].plane_shape]

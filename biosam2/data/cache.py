@@ -217,11 +217,18 @@ class CachedCase:
     def is_volume(self) -> bool:
         return self.num_slices is not None
 
-    def sample(self, z: int | None) -> tuple[np.ndarray, np.ndarray]:
+    @property
+    def plane_shape(self) -> tuple[int, int]:
+        return tuple(self.geometry[0][:2])
+
+    def sample(self, z: int | None, region: tuple[slice, slice] | None = None) -> tuple[np.ndarray, np.ndarray]:
         # Opened per sample and dropped after: the mapping, and its pages in this process, go with it.
+        # With a region only its rows are read (normalisation uses the whole case's statistics).
         image, label = np.load(self.image_path, mmap_mode="r"), np.load(self.label_path, mmap_mode="r")
         if z is not None:
             image, label = image[z], label[z]
+        if region is not None:
+            image, label = image[(slice(None), *region)], label[region]
         return self.normalization.apply(image, self.statistics), np.array(label)
 
     def load(self) -> Case:

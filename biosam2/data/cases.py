@@ -32,9 +32,15 @@ class Case:
     def num_slices(self) -> int | None:
         return self.image.shape[-1] if self.is_volume else None
 
-    def sample(self, z: int | None) -> tuple[np.ndarray, np.ndarray]:
-        """The normalised (C, H, W) image and label map of slice ``z`` (None: the 2-D image)."""
-        return (self.image, self.label) if z is None else (self.image[..., z], self.label[..., z])
+    @property
+    def plane_shape(self) -> tuple[int, int]:
+        """(H, W) of the 2-D image, or of each slice."""
+        return tuple(self.image.shape[1:3])
+
+    def sample(self, z: int | None, region: tuple[slice, slice] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """The normalised (C, H, W) image and label map of slice ``z`` (None: the 2-D image), or of its ``region``."""
+        image, label = (self.image, self.label) if z is None else (self.image[..., z], self.label[..., z])
+        return (image, label) if region is None else (image[(slice(None), *region)], label[region])
 
     def load(self) -> Case:
         return self

@@ -112,6 +112,9 @@ class ShardSampler(Sampler):
         return len(self.indices)
 
 
+LARGE_IMAGE = 4  # planes more than this many crops wide are read one region per sample
+
+
 class SliceDataset(Dataset):
     """Every 2-D image, and every slice of every volume, of the training cases, augmented.
 
@@ -137,6 +140,9 @@ class SliceDataset(Dataset):
         self.transform = build_augmentation(patch_size, input_mode, augment, resize_to, random_crop=not foreground_share)
         self.patch_size = patch_size
         self.foreground_share = foreground_share
+        # Crops of images far larger than the crop come from a random region twice the crop's side (room
+        # for the rotations and the 0.8 zoom-out), so a 3000x2000 image is never read whole for one crop.
+        self.region_side = 2 * patch_size if input_mode == "crop" and resize_to is None else None
         self.seed = seed
 
     def __len__(self) -> int:
@@ -145,7 +151,7 @@ class SliceDataset(Dataset):
     def __getitem__(self, key: tuple[int, int] | int) -> tuple[torch.Tensor, torch.Tensor]:
         epoch, index = key if isinstance(key, tuple) else (0, key)
         case_index, z = self.samples[index]
-        image, label = self.cases[case_index].sample(z)  # (C, H, W), (H, W)
+        image, label = self.cases[case_index].sample(z, self._region(self.cases[case_index].plane_shape, epoch, index))
         self.transform.set_random_seed(sample_seed(self.seed, epoch, index))
         # uint8 is lossless: class ids are below IGNORE_INDEX (255), which dataset_format enforces.
         # Masks are resampled nearest-neighbour, so IGNORE_INDEX never blends into a class.
@@ -155,6 +161,14 @@ class SliceDataset(Dataset):
         image_out = torch.from_numpy(np.ascontiguousarray(np.moveaxis(out["image"], -1, 0), dtype=np.float32))
         return image_out, torch.from_numpy(out["mask"].astype(np.int64))
 
+
+    def _region(self, plane: tuple[int, int], epoch: int, index: int) -> tuple[slice, slice] | None:
+        """A random (region_side)-square window of a plane more than LARGE_IMAGE crops wide, else None (all of it)."""
+        if self.region_side is None or max(plane) <= LARGE_IMAGE * self.patch_size:
+            return None
+        rng = np.random.default_rng([self.seed, epoch, index, 2])
+        starts = [int(rng.integers(0, max(side - self.region_side, 0) + 1)) for side in plane]
+        return tuple(slice(start, start + self.region_side) for start in starts)
 
     def _crop(self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
         """nnU-Net's oversampling, per slice: a ``foreground_share`` of the crops is centred on a random
