@@ -124,7 +124,8 @@ def export_onnx(
     except ImportError:
         raise ConfigError("biosam2 export needs the onnx package: pip install 'biosam2[deploy]'") from None
     _register_symbolics()
-    graph = ExportedGraph(prepare_model(model).float().cpu(), output)
+    model = prepare_model(model).float().cpu()
+    graph = ExportedGraph(model, output)
     example = torch.rand(1, channels, 64, 96)
     path.parent.mkdir(parents=True, exist_ok=True)
     axes = {0: "batch", 2: "height", 3: "width"}
