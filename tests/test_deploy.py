@@ -124,6 +124,20 @@ def test_output_heads(trained, trained_run, tmp_path, output):
         OnnxModel(path)
 
 
+def test_int8_export_keeps_the_labels_of_the_trained_model(trained, trained_run, tmp_path):
+    model, fp32 = trained
+    path = tmp_path / "int8.onnx"
+    assert main(["export", str(trained_run), str(path), "--int8"]) == 0
+    engine = OnnxModel(path)
+    assert engine.description["quantization"] == "int8-dynamic-matmul"
+    assert path.stat().st_size < 0.5 * fp32.path.stat().st_size  # the MatMul weights are int8 in the file
+    assert not list(tmp_path.glob("*.fp32.onnx"))
+    images = synthetic_batch(3, 97, 211, 1)
+    with torch.no_grad():
+        labels = model(images).argmax(1)
+    assert (engine(images).argmax(1) == labels).float().mean().item() >= 0.99
+
+
 def test_deformable_convolution_exports_as_onnx_deformconv(tmp_path):
     """The symbolic for torchvision::deform_conv2d: offsets and modulation far from their init values."""
     torch.manual_seed(0)

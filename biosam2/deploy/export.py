@@ -97,11 +97,14 @@ def export_onnx(
     channels: int,
     output: str = "logits",
     metadata: dict[str, Any] | None = None,
+    int8: bool = False,
 ) -> Path:
     """Write ``model`` (a BioSAM2) as ONNX to ``path`` and its sidecar JSON beside it; returns the path.
 
     ``channels``: 1 (grey) or 3 (RGB), what the run was trained on. ``metadata``: the artifact's
-    (normalisation, labels, channel names), copied into the sidecar.
+    (normalisation, labels, channel names), copied into the sidecar. ``int8``: ONNX Runtime's dynamic
+    int8 quantisation of the MatMul weights (the attention and MLP layers: most of the time); on the
+    benchmark's trained model faster and with the same labels as fp32 on >= 99% of pixels, not 99.99%.
     """
     from biosam2 import __version__
 
@@ -136,6 +139,8 @@ def export_onnx(
             input_names=["images"], output_names=[output],
             dynamic_axes={"images": axes, output: axes if output != "labels" else {0: "batch", 1: "height", 2: "width"}},
         )
+    if int8:
+        _quantize(path)
     metadata = metadata or {}
     labels = metadata.get("labels") or {}
     sidecar = {
@@ -153,9 +158,28 @@ def export_onnx(
         "postprocessing": metadata.get("postprocessing"),  # applied by predict after the graph, as for PyTorch
         "model": model.config.to_dict(),
         "opset": OPSET,
+        "quantization": "int8-dynamic-matmul" if int8 else None,
     }
     sidecar_path(path).write_text(json.dumps(sidecar, indent=2) + "\n")
     return path
+
+
+def _quantize(path: Path) -> None:
+    import logging
+
+    try:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+    except ImportError:
+        raise ConfigError("biosam2 export --int8 needs onnxruntime: pip install 'biosam2[deploy]'") from None
+    fp32 = path.with_name(path.stem + ".fp32.onnx")
+    path.replace(fp32)
+    quiet = logging.getLogger().level
+    logging.getLogger().setLevel(logging.ERROR)  # its advice to pre-process for static quantisation does not apply
+    try:
+        quantize_dynamic(str(fp32), str(path), weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"])
+    finally:
+        logging.getLogger().setLevel(quiet)
+        fp32.unlink()
 
 
 def channels_of(metadata: dict[str, Any]) -> int:
