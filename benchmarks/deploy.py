@@ -174,10 +174,10 @@ def main() -> None:
     lines = [
         f"`python benchmarks/deploy.py {' '.join(sys.argv[1:])}`",
         "",
-        f"torch {torch.__version__}, torch threads {torch.get_num_threads()}, ORT threads {THREADS or 'default'}, {os.cpu_count()} CPUs, "
-        f"load average {os.getloadavg()[0]:.1f} at the end; "
-        f"{'trained run ' + args.run if args.run else 'random SAM2 weights'}; tiny SAM2 + LW fused; batch 1; "
-        f"{args.rounds} interleaved rounds",
+        (f"torch {torch.__version__}, torch threads {torch.get_num_threads()}, ORT threads {THREADS or 'default'}, "
+         f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the end; "
+         f"{'trained run ' + args.run if args.run else 'random SAM2 weights'}; tiny SAM2 + LW fused; batch 1; "
+         f"{args.rounds} interleaved rounds"),
         "",
         "| size | engine | median latency (ms) | PyTorch / engine (median of per-round ratios) | peak RSS (MiB, fresh process) |",
         "|---|---|---|---|---|",

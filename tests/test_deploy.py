@@ -204,8 +204,8 @@ def test_predict_with_onnxruntime_writes_what_pytorch_writes(trained_run, traine
 
     Image.fromarray(huge).save(tmp_path / "in" / "huge.png")
     model = load_model(trained_run / "model")
-    options = dict(normalization=Normalization("uint8"), device="cpu", max_side=128, tile_size=96, probabilities=True,
-                   channel_names={"0": "microscopy"})
+    options = {"normalization": Normalization("uint8"), "device": "cpu", "max_side": 128, "tile_size": 96,
+               "probabilities": True, "channel_names": {"0": "microscopy"}}
     predict_files(model, tmp_path / "in", tmp_path / "pt-files", **options)
     predict_files(engine, tmp_path / "in", tmp_path / "ort-files", **options)
     ours, theirs = nib.load(tmp_path / "ort-files" / "vol.nii.gz"), nib.load(tmp_path / "pt-files" / "vol.nii.gz")
