@@ -223,6 +223,11 @@ def test_onnx_engine_refusals(trained, tmp_path, monkeypatch):
     lonely.write_bytes(engine.path.read_bytes())
     with pytest.raises(CheckpointError, match="lonely.json: missing"):
         OnnxModel(lonely)
+    damaged = tmp_path / "damaged.onnx"
+    damaged.write_bytes(engine.path.read_bytes()[:1000])
+    sidecar_path(damaged).write_text(sidecar_path(engine.path).read_text())
+    with pytest.raises(CheckpointError, match="damaged.onnx: onnxruntime .* cannot load it"):
+        OnnxModel(damaged)
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     with pytest.raises(ConfigError, match=r"biosam2\[deploy\]"):
         OnnxModel(engine.path)

@@ -68,7 +68,16 @@ class OnnxModel:
         }[optimization]
         if threads:
             options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+        from onnxruntime.capi.onnxruntime_pybind11_state import Fail, InvalidGraph, InvalidProtobuf, NotImplemented
+
+        try:
+            self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+        except (Fail, InvalidGraph, InvalidProtobuf, NotImplemented) as error:
+            # e.g. an older onnxruntime without a DeformConv kernel (HP models), or a damaged file
+            raise CheckpointError(
+                f"{self.path}: onnxruntime {ort.__version__} cannot load it ({str(error).splitlines()[0]}); "
+                "re-export it, or for an HP model (DeformConv) use onnxruntime >= 1.32 or an LW model"
+            ) from None
         self.channels = self.description["channels"]
         self.num_classes = self.description["num_classes"]
 
