@@ -245,6 +245,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from biosam2.inference.predict_files import predict_files
 
     device = args.device
+    if (args.ensemble or args.tta) and args.engine == "onnxruntime":
+        raise BioSAM2Error("--tta and --ensemble run with the PyTorch engine; leave out --engine onnxruntime")
     if args.engine == "onnxruntime":
         model, metadata = _onnx_engine(args)
         device = device or "cpu"
@@ -254,8 +256,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
         model, metadata = _load_run_model(Path(args.run), args.weights)
     if not metadata.get("normalization"):
         raise BioSAM2Error(f"{args.run}: the artifact does not record its intensity normalisation; was it saved by `biosam2 train`?")
-    if (args.ensemble or args.tta) and args.engine == "onnxruntime":
-        raise BioSAM2Error("--tta and --ensemble run with the PyTorch engine; leave out --engine onnxruntime")
     if args.ensemble or args.tta:
         from biosam2.inference.averaging import Averaged, check_ensemble
 

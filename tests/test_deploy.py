@@ -215,7 +215,7 @@ def test_predict_with_onnxruntime_writes_what_pytorch_writes(trained_run, traine
     assert (tiled == read_image(tmp_path / "pt-files" / "huge.png").array).mean() >= 0.9999
 
 
-def test_onnx_engine_refusals(trained, tmp_path, monkeypatch):
+def test_onnx_engine_refusals(trained, tmp_path, monkeypatch, capsys):
     _, engine = trained
     with pytest.raises(ConfigError, match="runs on the CPU"):
         engine.to("cuda")
@@ -223,6 +223,8 @@ def test_onnx_engine_refusals(trained, tmp_path, monkeypatch):
     lonely.write_bytes(engine.path.read_bytes())
     with pytest.raises(CheckpointError, match="lonely.json: missing"):
         OnnxModel(lonely)
+    assert main(["predict", str(engine.path), str(tmp_path), str(tmp_path / "out"), "--engine", "onnxruntime", "--tta"]) == 2
+    assert "--tta and --ensemble run with the PyTorch engine" in capsys.readouterr().err
     damaged = tmp_path / "damaged.onnx"
     damaged.write_bytes(engine.path.read_bytes()[:1000])
     sidecar_path(damaged).write_text(sidecar_path(engine.path).read_text())
@@ -232,3 +234,5 @@ def test_onnx_engine_refusals(trained, tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match=r"biosam2\[deploy\]"):
         OnnxModel(engine.path)
     assert main(["predict", str(engine.path), str(tmp_path), str(tmp_path / "out")]) == 2  # .onnx without --engine
+    assert "an ONNX file runs with --engine onnxruntime" in capsys.readouterr().err
+
