@@ -6,6 +6,7 @@
     biosam2 preprocess DATA               write the training cases once into the cache train reads from
     biosam2 train DATA --out RUN          train, select on validation, evaluate on test
     biosam2 predict RUN INPUT OUT         label maps for a file, folder or volume
+    biosam2 export RUN OUT.onnx           the whole model as one ONNX file (+ a sidecar JSON)
     biosam2 evaluate PRED GT              mIoU / Dice / HD95 of predictions against ground truth
     biosam2 report RUN                    the visual quality-control report, RUN/report.html
     biosam2 splits DATA --folds 5         nnU-Net's k-fold splits_final.json (then train --fold all)
@@ -198,17 +199,62 @@ def _load_run_model(path: Path, base_weights: str | None):
     from biosam2.model.artifact import read_artifact_description
     from biosam2.model.factory import load_model
 
-    artifact = path / "model" if (path / "model" / "biosam2.json").exists() else path
+    artifact = _run_artifact(path)
     description = read_artifact_description(artifact)
     return load_model(artifact, base_weights=base_weights), description.get("metadata", {})
+
+
+def _run_artifact(path: Path) -> Path:
+    return path / "model" if (path / "model" / "biosam2.json").exists() else path
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from biosam2.deploy.export import channels_of, export_onnx, sidecar_path
+
+    model, metadata = _load_run_model(Path(args.run), args.weights)
+    path = export_onnx(model, args.out, channels=channels_of(metadata), output=args.output, metadata=metadata, int8=args.int8)
+    print(f"wrote {path} and {sidecar_path(path)}")
+    return 0
+
+
+def _onnx_engine(args: argparse.Namespace):
+    """``--engine onnxruntime``: an exported .onnx file, or a run exported now to a temporary file."""
+    import shutil
+    import tempfile
+
+    from biosam2.deploy.export import channels_of, export_onnx
+    from biosam2.deploy.onnx_engine import OnnxModel
+
+    if args.precision not in ("auto", "32"):
+        raise BioSAM2Error(f"--precision {args.precision}: --engine onnxruntime computes in fp32; leave --precision out")
+    source = Path(args.run)
+    if source.suffix == ".onnx":
+        engine = OnnxModel(source)
+        return engine, engine.description
+    model, metadata = _load_run_model(source, args.weights)
+    folder = tempfile.mkdtemp(prefix="biosam2-onnx-")
+    try:  # the session holds the graph: the file is not needed after
+        engine = OnnxModel(export_onnx(model, Path(folder) / "model.onnx", channels=channels_of(metadata), metadata=metadata))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return engine, engine.description
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from biosam2.data.normalization import Normalization
     from biosam2.inference.predict_files import predict_files
 
-    model, metadata = _load_run_model(Path(args.run), args.weights)
-    if "normalization" not in metadata:
+    device = args.device
+    if (args.ensemble or args.tta) and args.engine == "onnxruntime":
+        raise BioSAM2Error("--tta and --ensemble run with the PyTorch engine; leave out --engine onnxruntime")
+    if args.engine == "onnxruntime":
+        model, metadata = _onnx_engine(args)
+        device = device or "cpu"
+    else:
+        if Path(args.run).suffix == ".onnx":
+            raise BioSAM2Error(f"{args.run}: an ONNX file runs with --engine onnxruntime")
+        model, metadata = _load_run_model(Path(args.run), args.weights)
+    if not metadata.get("normalization"):
         raise BioSAM2Error(f"{args.run}: the artifact does not record its intensity normalisation; was it saved by `biosam2 train`?")
     if args.ensemble or args.tta:
         from biosam2.inference.averaging import Averaged, check_ensemble
@@ -216,7 +262,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         members = [(args.run, model, metadata)] + [(run, *_load_run_model(Path(run), args.weights)) for run in args.ensemble]
         check_ensemble([(name, meta) for name, _, meta in members])
         model = Averaged([member for _, member, _ in members], mirror=args.tta)
-    labels = metadata.get("labels", {})
+    labels = metadata.get("labels") or {}
     written = predict_files(
         model,
         args.input,
@@ -226,7 +272,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         probabilities=args.probabilities,
         overlays=args.overlays,
         batch_size=args.batch_size,
-        device=args.device,
+        device=device,
         precision=args.precision,
         overwrite=args.overwrite,
         channel_files=args.channel_files,
@@ -394,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(handler=cmd_train)
 
     predict = commands.add_parser("predict", help="predict label maps for a file, a folder or a volume")
-    predict.add_argument("run", help="run directory (or model artifact directory)")
+    predict.add_argument("run", help="run directory (or model artifact directory; or an exported .onnx with --engine onnxruntime)")
     predict.add_argument("input", help="image, volume or folder")
     predict.add_argument("out", help="output folder (never the input folder)")
     predict.add_argument("--probabilities", action="store_true", help="also write class probabilities")
@@ -416,7 +462,19 @@ def build_parser() -> argparse.ArgumentParser:
                          "4 mirrorings of each image (4x the time)")
     predict.add_argument("--ensemble", nargs="+", default=[], metavar="RUN",
                          help="more runs (e.g. the folds of --fold all) whose probabilities are averaged with RUN's")
+    predict.add_argument("--engine", choices=["pytorch", "onnxruntime"], default="pytorch",
+                         help="onnxruntime: run an exported .onnx (or the run, exported first) on the CPU; needs biosam2[deploy]")
     predict.set_defaults(handler=cmd_predict)
+
+    export = commands.add_parser("export", help="write a trained model as one ONNX file and a sidecar JSON")
+    export.add_argument("run", help="run directory (or model artifact directory)")
+    export.add_argument("out", help="the .onnx file to write (the sidecar is OUT with .json)")
+    export.add_argument("--output", choices=["logits", "probabilities", "labels"], default="logits",
+                        help="what the graph ends with (default %(default)s; predict --engine onnxruntime needs logits)")
+    export.add_argument("--int8", action="store_true",
+                        help="dynamic int8 quantisation of the MatMul weights: faster on the CPU, labels agree with fp32 on >= 99%% of pixels")
+    export.add_argument("--weights", help="base SAM2 weights, if not found at the path recorded in the artifact")
+    export.set_defaults(handler=cmd_export)
 
     evaluate = commands.add_parser("evaluate", help="mIoU, Dice and HD95 of predictions against ground truth")
     evaluate.add_argument("predictions", help="folder of predicted label maps")
