@@ -23,7 +23,7 @@ from biosam2.inference.predict_files import predict_files
 from biosam2.model.adapters import ModulatedDeformableConv
 from biosam2.model.factory import load_model
 from biosam2.training import TrainConfig, train
-from tests.conftest import perturb_every_tensor
+from conftest import perturb_every_tensor
 
 ort = pytest.importorskip("onnxruntime")
 

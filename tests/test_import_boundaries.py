@@ -75,3 +75,12 @@ def test_no_import_cycles():
         f"{name} -> ... -> {name}" for name in MODULES if any(name in imported_modules(m) for m in reachable(name) if m != name)
     )
     assert not cycles, cycles
+
+
+def test_tests_import_conftest_as_conftest_so_the_suite_runs_from_any_directory():
+    """`from tests.conftest import ...` works only when the repository root is the current directory."""
+    from pathlib import Path
+
+    pattern = "from " + "tests." , "import " + "tests."  # spelled apart: this file must not match itself
+    offenders = [p.name for p in Path(__file__).parent.glob("test_*.py") if any(text in p.read_text() for text in pattern)]
+    assert offenders == []
