@@ -78,7 +78,7 @@ def test_no_import_cycles():
 
 
 def test_tests_import_conftest_as_conftest_so_the_suite_runs_from_any_directory():
-    """`from tests.conftest import ...` works only when the repository root is the current directory."""
+    """Importing the test package's conftest by its package path works only from the repository root."""
     from pathlib import Path
 
     pattern = "from " + "tests." , "import " + "tests."  # spelled apart: this file must not match itself
