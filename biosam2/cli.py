@@ -374,7 +374,7 @@ def _add_train_options(parser: argparse.ArgumentParser) -> None:
         type=_fold)
     add(data, "--patch-size", "training crop size (crop), or size whole images are resized to (resize)", type=int)
     add(data, "--input-mode", "training samples: random crops or whole images resized", choices=INPUT_MODES)
-    add(data, "--foreground-share", "share of training crops centred on a foreground pixel (nnU-Net: 0.33)", type=float)
+    add(data, "--foreground-share", "share of training samples from a slice with foreground, centred on a foreground pixel (nnU-Net: 0.33)", type=float)
     data.add_argument("--no-augment", dest="augment", action="store_const", const=False, help="disable augmentation")
     add(data, "--limit-train-batches", "cap on steps per epoch", unset="no cap", type=int)
     run = parser.add_argument_group("run")

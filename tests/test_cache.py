@@ -211,8 +211,13 @@ def test_foreground_share_centres_crops_on_foreground(tmp_path):
         samples = SliceDataset(cases, patch_size=24, augment=False, seed=0, foreground_share=share)
         return sum(bool((samples[(0, index)][1] > 0).any()) for index in range(len(samples)))
 
-    # Every slice that holds foreground gives a crop on it at share 1; uniform crops miss it often.
-    assert crops_with_foreground(1.0) == len(with_foreground) > crops_with_foreground(0.0)
+    # At share 1 every sample comes from a slice with foreground (the stored per-slice index) and is
+    # centred on it, as nnU-Net oversamples; uniform slices and crops miss it often.
+    total = len(SliceDataset(cases, patch_size=24))
+    assert len(with_foreground) < total and crops_with_foreground(1.0) == total > crops_with_foreground(0.0)
+    # the index stored in the cache is the one computed from the labels in memory
+    assert [c.foreground_slices for c in cases] == [load_case(spec, f, norm).foreground_slices for f in files]
+    assert sorted((i, z) for i, c in enumerate(cases) for z in c.foreground_slices) == with_foreground
     with pytest.raises(ConfigError, match="needs input_mode crop"):
         TrainConfig(foreground_share=0.5, input_mode="resize")
 

@@ -236,3 +236,21 @@ def test_onnx_engine_refusals(trained, tmp_path, monkeypatch, capsys):
     assert main(["predict", str(engine.path), str(tmp_path), str(tmp_path / "out")]) == 2  # .onnx without --engine
     assert "an ONNX file runs with --engine onnxruntime" in capsys.readouterr().err
 
+
+
+def test_on_isbi_2012_both_engines_give_the_same_miou_to_4_decimals(tmp_path):
+    from conftest import SHARED_DATA, require_shared
+
+    source = require_shared(SHARED_DATA / "isbi2012")
+    data, run = tmp_path / "isbi", tmp_path / "run"
+    assert main(["convert", "isbi2012", str(source), str(data), "--limit", "3"]) == 0
+    options = ["--weights", "random", "--adapter", "lw", "--epochs", "1", "--batch-size", "2", "--patch-size", "128",
+               "--lr", "3e-3", "--limit-train-batches", "6", "--num-workers", "0", "--no-test", "--no-progress"]
+    assert main(["train", str(data), "--out", str(run), *options]) == 0
+    miou = {}
+    for engine in ("pytorch", "onnxruntime"):
+        predictions = tmp_path / f"pred-{engine}"
+        assert main(["predict", str(run), str(data / "imagesTs"), str(predictions), "--engine", engine]) == 0
+        assert main(["evaluate", str(predictions), str(data / "labelsTs"), "--out", str(tmp_path / f"ev-{engine}")]) == 0
+        miou[engine] = json.loads((tmp_path / f"ev-{engine}" / "evaluation.json").read_text())["miou"]
+    assert round(miou["onnxruntime"], 4) == round(miou["pytorch"], 4), miou

@@ -212,6 +212,7 @@ class CachedCase:
     statistics: Statistics | None
     num_slices: int | None
     geometry: tuple[tuple[int, ...], tuple[float, ...], tuple[tuple[float, ...], ...] | None, str]  # shape, spacing, affine, source
+    foreground_slices: tuple[int, ...] = ()  # slices holding a class above the background (the stored per-slice index)
 
     @property
     def is_volume(self) -> bool:
@@ -220,6 +221,10 @@ class CachedCase:
     @property
     def plane_shape(self) -> tuple[int, int]:
         return tuple(self.geometry[0][:2])
+
+    def labels_of(self, z: int | None) -> np.ndarray:
+        labels = np.load(self.label_path, mmap_mode="r")
+        return np.array(labels if z is None else labels[z])
 
     def sample(self, z: int | None, region: tuple[slice, slice] | None = None) -> tuple[np.ndarray, np.ndarray]:
         # Opened per sample and dropped after: the mapping, and its pages in this process, go with it.
@@ -255,7 +260,8 @@ def cached_cases(folder: Path, spec: DatasetSpec, cases: list[CaseFiles], normal
             payload["source"],
         )
         statistics = None if payload["statistics"] is None else tuple(tuple(pair) for pair in payload["statistics"])
-        entries.append(CachedCase(files.case_id, image, label, normalization, statistics, payload["num_slices"], geometry))
+        foreground = tuple(z for z, classes in enumerate(payload["slice_classes"]) if any(c > 0 for c in classes))
+        entries.append(CachedCase(files.case_id, image, label, normalization, statistics, payload["num_slices"], geometry, foreground))
     return entries
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -32,10 +33,21 @@ class Case:
     def num_slices(self) -> int | None:
         return self.image.shape[-1] if self.is_volume else None
 
+    @cached_property
+    def foreground_slices(self) -> tuple[int, ...]:
+        """Slices of a volume that hold a class above the background (for foreground-centred samples)."""
+        if not self.is_volume or self.label is None:
+            return ()
+        planes = (self.label > 0) & (self.label != IGNORE_INDEX)
+        return tuple(np.flatnonzero(planes.reshape(-1, planes.shape[-1]).any(0)).tolist())
+
     @property
     def plane_shape(self) -> tuple[int, int]:
         """(H, W) of the 2-D image, or of each slice."""
         return tuple(self.image.shape[1:3])
+
+    def labels_of(self, z: int | None) -> np.ndarray:
+        return self.label if z is None else self.label[..., z]
 
     def sample(self, z: int | None, region: tuple[slice, slice] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """The normalised (C, H, W) image and label map of slice ``z`` (None: the 2-D image), or of its ``region``."""

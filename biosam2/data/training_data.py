@@ -151,30 +151,43 @@ class SliceDataset(Dataset):
     def __getitem__(self, key: tuple[int, int] | int) -> tuple[torch.Tensor, torch.Tensor]:
         epoch, index = key if isinstance(key, tuple) else (0, key)
         case_index, z = self.samples[index]
-        image, label = self.cases[case_index].sample(z, self._region(self.cases[case_index].plane_shape, epoch, index))
+        case, rng = self.cases[case_index], np.random.default_rng([self.seed, epoch, index, 1])
+        centred = bool(self.foreground_share) and rng.random() < self.foreground_share
+        if centred and case.is_volume and case.foreground_slices:  # a slice that has foreground (the stored index)
+            z = case.foreground_slices[int(rng.integers(len(case.foreground_slices)))]
+        image, label = case.sample(z, self._region(case, z, np.random.default_rng([self.seed, epoch, index, 2]), centred))
         self.transform.set_random_seed(sample_seed(self.seed, epoch, index))
         # uint8 is lossless: class ids are below IGNORE_INDEX (255), which dataset_format enforces.
         # Masks are resampled nearest-neighbour, so IGNORE_INDEX never blends into a class.
         out = self.transform(image=np.ascontiguousarray(np.moveaxis(image, 0, -1)), mask=label.astype(np.uint8))
         if self.foreground_share:
-            out = self._crop(out["image"], out["mask"], np.random.default_rng([self.seed, epoch, index, 1]))
+            out = self._crop(out["image"], out["mask"], rng, centred)
         image_out = torch.from_numpy(np.ascontiguousarray(np.moveaxis(out["image"], -1, 0), dtype=np.float32))
         return image_out, torch.from_numpy(out["mask"].astype(np.int64))
 
 
-    def _region(self, plane: tuple[int, int], epoch: int, index: int) -> tuple[slice, slice] | None:
-        """A random (region_side)-square window of a plane more than LARGE_IMAGE crops wide, else None (all of it)."""
-        if self.region_side is None or max(plane) <= LARGE_IMAGE * self.patch_size:
+    def _region(self, case, z: int | None, rng: np.random.Generator, centred: bool) -> tuple[slice, slice] | None:
+        """A (region_side)-square window of a plane more than LARGE_IMAGE crops wide (else None: all of
+        it): at random, or, for a foreground-centred sample, around a random foreground pixel (found in
+        the label plane alone, 1 byte a pixel)."""
+        plane, side = case.plane_shape, self.region_side
+        if side is None or max(plane) <= LARGE_IMAGE * self.patch_size:
             return None
-        rng = np.random.default_rng([self.seed, epoch, index, 2])
-        starts = [int(rng.integers(0, max(side - self.region_side, 0) + 1)) for side in plane]
-        return tuple(slice(start, start + self.region_side) for start in starts)
+        labels = case.labels_of(z) if centred else None
+        foreground = np.flatnonzero((labels > 0) & (labels != IGNORE_INDEX)) if labels is not None else ()
+        if len(foreground):
+            centre = divmod(int(rng.choice(foreground)), plane[1])
+            starts = [min(max(c - side // 2, 0), max(n - side, 0)) for c, n in zip(centre, plane)]
+        else:
+            starts = [int(rng.integers(0, max(n - side, 0) + 1)) for n in plane]
+        return tuple(slice(start, start + side) for start in starts)
 
-    def _crop(self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        """nnU-Net's oversampling, per slice: a ``foreground_share`` of the crops is centred on a random
-        annotated foreground pixel (when the augmented slice has one), the rest placed at random."""
+    def _crop(self, image: np.ndarray, mask: np.ndarray, rng: np.random.Generator, centred: bool) -> dict[str, np.ndarray]:
+        """nnU-Net's oversampling: a ``foreground_share`` of the samples (``centred``) comes from a slice
+        with foreground (volumes) and is centred on a random annotated foreground pixel of the augmented
+        slice (when it kept one); the rest is placed at random."""
         size, (height, width) = self.patch_size, mask.shape
-        foreground = np.flatnonzero((mask > 0) & (mask != IGNORE_INDEX)) if rng.random() < self.foreground_share else ()
+        foreground = np.flatnonzero((mask > 0) & (mask != IGNORE_INDEX)) if centred else ()
         if len(foreground):
             y, x = divmod(int(rng.choice(foreground)), width)
             top, left = min(max(y - size // 2, 0), height - size), min(max(x - size // 2, 0), width - size)
