@@ -299,10 +299,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         images = Path(args.images) if args.images else ground_truth.parent / ground_truth.name.replace("labels", "images")
         if args.images and not images.is_dir():
             raise ConfigError(f"--images {images}: not a folder")
-        loader = folder_loader(predictions, ground_truth, images if images.is_dir() and images != ground_truth else None)
+        images = images if images.is_dir() and images != ground_truth else None
+        loader = folder_loader(predictions, ground_truth, images)
         path = write_report(Path(args.report), result.to_dict(), loader, title=f"biosam2 evaluation: {predictions}",
                             summary={"predictions": str(predictions), "ground truth": str(ground_truth),
-                                     "images": str(images) if images.is_dir() and images != ground_truth else "none given"},
+                                     "images": str(images) if images else "none given"},
                             worst=_positive(args.worst, "--worst"))
         print(f"Report: {path}")
     return 0
