@@ -194,24 +194,11 @@ def _print_summary(run: Path, summary: dict[str, Any]) -> None:
     print(f"  model artifact: {run / 'model'}   evaluation: {run / 'evaluation.md'}")
 
 
-def _load_run_model(path: Path, base_weights: str | None):
-    """A run directory (RUN/model) or an artifact directory -> (model, metadata)."""
-    from biosam2.model.artifact import read_artifact_description
-    from biosam2.model.factory import load_model
-
-    artifact = _run_artifact(path)
-    description = read_artifact_description(artifact)
-    return load_model(artifact, base_weights=base_weights), description.get("metadata", {})
-
-
-def _run_artifact(path: Path) -> Path:
-    return path / "model" if (path / "model" / "biosam2.json").exists() else path
-
-
 def cmd_export(args: argparse.Namespace) -> int:
     from biosam2.deploy.export import channels_of, export_onnx, sidecar_path
+    from biosam2.inference.averaging import load_run_model
 
-    model, metadata = _load_run_model(Path(args.run), args.weights)
+    model, metadata = load_run_model(args.run, args.weights)
     path = export_onnx(model, args.out, channels=channels_of(metadata), output=args.output, metadata=metadata, int8=args.int8)
     print(f"wrote {path} and {sidecar_path(path)}")
     return 0
@@ -231,7 +218,9 @@ def _onnx_engine(args: argparse.Namespace):
     if source.suffix == ".onnx":
         engine = OnnxModel(source)
         return engine, engine.description
-    model, metadata = _load_run_model(source, args.weights)
+    from biosam2.inference.averaging import load_run_model
+
+    model, metadata = load_run_model(source, args.weights)
     folder = tempfile.mkdtemp(prefix="biosam2-onnx-")
     try:  # the session holds the graph: the file is not needed after
         engine = OnnxModel(export_onnx(model, Path(folder) / "model.onnx", channels=channels_of(metadata), metadata=metadata))
@@ -251,17 +240,13 @@ def cmd_predict(args: argparse.Namespace) -> int:
         model, metadata = _onnx_engine(args)
         device = device or "cpu"
     else:
+        from biosam2.inference.averaging import load_for_prediction
+
         if Path(args.run).suffix == ".onnx":
             raise BioSAM2Error(f"{args.run}: an ONNX file runs with --engine onnxruntime")
-        model, metadata = _load_run_model(Path(args.run), args.weights)
+        model, metadata = load_for_prediction(args.run, ensemble=args.ensemble, tta=args.tta, base_weights=args.weights)
     if not metadata.get("normalization"):
         raise BioSAM2Error(f"{args.run}: the artifact does not record its intensity normalisation; was it saved by `biosam2 train`?")
-    if args.ensemble or args.tta:
-        from biosam2.inference.averaging import Averaged, check_ensemble
-
-        members = [(args.run, model, metadata)] + [(run, *_load_run_model(Path(run), args.weights)) for run in args.ensemble]
-        check_ensemble([(name, meta) for name, _, meta in members])
-        model = Averaged([member for _, member, _ in members], mirror=args.tta)
     labels = metadata.get("labels") or {}
     written = predict_files(
         model,

@@ -39,11 +39,16 @@ def require_nnunet() -> None:
 
 
 @contextlib.contextmanager
-def nnunet_environment(workspace: Path, augmentation_processes: int | None = None) -> Iterator[None]:
-    """nnU-Net's folders (raw, preprocessed, results) inside ``workspace``, our trainer findable by name,
-    and optionally its number of augmentation processes (0: in this process, seeded with it)."""
-    values = {"nnUNet_raw": workspace / "raw", "nnUNet_preprocessed": workspace / "preprocessed",
-              "nnUNet_results": workspace / "results", "nnUNet_extTrainer": TRAINERS_FOLDER}
+def nnunet_environment(workspace: Path, budget: dict[str, int] | None = None,
+                       augmentation_processes: int | None = None) -> Iterator[None]:
+    """nnU-Net's folders (raw, preprocessed, results) inside ``workspace``, our trainer findable by name
+    with ``budget`` (nnU-Net's trainer attributes, e.g. num_epochs), and optionally nnU-Net's
+    number of augmentation processes (0: augment in this process, seeded with it)."""
+    values: dict[str, Any] = {"nnUNet_raw": workspace / "raw", "nnUNet_preprocessed": workspace / "preprocessed",
+                              "nnUNet_results": workspace / "results", "nnUNet_extTrainer": TRAINERS_FOLDER}
+    from biosam2.baselines.nnunet_trainers.budget import BUDGET_VARIABLES
+
+    values |= {BUDGET_VARIABLES[attribute]: value for attribute, value in (budget or {}).items()}
     if augmentation_processes is not None:
         values["nnUNet_n_proc_DA"] = augmentation_processes
     before = {name: os.environ.get(name) for name in values}
@@ -84,7 +89,11 @@ def plan_and_preprocess(data: Path, workspace: Path, configuration: str = "2d") 
     spec = load_dataset_spec(data)
     write_raw_dataset(spec, workspace)
     with nnunet_environment(workspace):
-        from nnunetv2.experiment_planning.plan_and_preprocess_api import extract_fingerprints, plan_experiments, preprocess
+        from nnunetv2.experiment_planning.plan_and_preprocess_api import (
+            extract_fingerprints,
+            plan_experiments,
+            preprocess,
+        )
 
         extract_fingerprints([DATASET_ID], num_processes=1, check_dataset_integrity=True, verbose=False, show_progress_bar=False)
         plan_experiments([DATASET_ID])
@@ -114,24 +123,19 @@ def planned_network(plans: dict[str, Any], data: Path, configuration: str = "2d"
         manager.get_label_manager(dataset_json).num_segmentation_heads, enable_deep_supervision=False)
 
 
-def train(workspace: Path, data: Path, *, configuration: str, fold: int, epochs: int, iterations_per_epoch: int,
-          val_iterations_per_epoch: int, device: str, seed: int) -> Path:
-    """nnU-Net's trainer on the preprocessed dataset; returns the model folder (``.../fold_K``'s parent)."""
+def train(workspace: Path, data: Path, *, configuration: str, fold: int, device: str, seed: int) -> Path:
+    """nnU-Net's own ``run_training`` (as ``nnUNetv2_train``) with :data:`TRAINER`, continuing from its
+    last checkpoint if an earlier call was interrupted; returns the model folder (``fold_K``'s parent).
+    It ends with nnU-Net's own validation of the fold, as nnUNetv2_train does."""
     import numpy as np
     import torch
+    from nnunetv2.run.run_training import run_training
 
-    from biosam2.baselines.nnunet_trainers.budget import nnUNetTrainerBudget
-
-    spec = load_dataset_spec(data)
-    preprocessed = workspace / "preprocessed" / dataset_name(spec)
-    plans = json.loads((preprocessed / f"{PLANS}.json").read_text())
-    dataset_json = json.loads((preprocessed / "dataset.json").read_text())
+    model = workspace / "results" / dataset_name(load_dataset_spec(data)) / f"{TRAINER}__{PLANS}__{configuration}"
+    started = (model / f"fold_{fold}" / "checkpoint_latest.pth").is_file()
     random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
-    nnUNetTrainerBudget.budget = {"num_epochs": epochs, "num_iterations_per_epoch": iterations_per_epoch,
-                                  "num_val_iterations_per_epoch": val_iterations_per_epoch}
-    trainer = nnUNetTrainerBudget(plans, configuration, fold, dataset_json, torch.device(device))
-    trainer.run_training()
-    return Path(trainer.output_folder_base)
+    run_training(str(DATASET_ID), configuration, fold, TRAINER, PLANS, continue_training=started, device=torch.device(device))
+    return model
 
 
 def predict(model: Path, images: list[list[Path]], output: Path, *, fold: int, device: str) -> None:
@@ -176,10 +180,10 @@ def run_baseline(data: Path, run: Path, *, configuration: str = "2d", fold: int 
         raise ConfigError(f"{data}: no labelled test cases (imagesTs + labelsTs) to evaluate the nnU-Net baseline on")
     started, workspace = time.time(), run / "nnunet"
     plans = plan_and_preprocess(data, workspace, configuration)
-    with nnunet_environment(workspace, augmentation_processes):
-        model = train(workspace, data, configuration=configuration, fold=fold, epochs=epochs,
-                      iterations_per_epoch=iterations_per_epoch, val_iterations_per_epoch=val_iterations_per_epoch,
-                      device=device, seed=seed)
+    budget = {"num_epochs": epochs, "num_iterations_per_epoch": iterations_per_epoch,
+              "num_val_iterations_per_epoch": val_iterations_per_epoch}
+    with nnunet_environment(workspace, budget, augmentation_processes):
+        model = train(workspace, data, configuration=configuration, fold=fold, device=device, seed=seed)
         begin = time.perf_counter()
         predict(model, [case.images for case in split.test], run / "test_predictions", fold=fold, device=device)
         predict_seconds = time.perf_counter() - begin

@@ -10,6 +10,7 @@ asked for averaged probabilities (nnU-Net's ensembles do so; its own mirroring a
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -45,3 +46,25 @@ def check_ensemble(metadata: Sequence[tuple[str, dict]]) -> None:
             if other.get(key) != first.get(key):
                 raise ConfigError(f"--ensemble {name}: its {key} {other.get(key)} differ from {first_name}'s "
                                   f"{first.get(key)}; only models of one task are averaged")
+
+
+def load_run_model(path: str | Path, base_weights: str | None = None) -> tuple[nn.Module, dict]:
+    """A run directory (RUN/model) or an artifact directory -> (model, the artifact's metadata)."""
+    from biosam2.model.artifact import read_artifact_description
+    from biosam2.model.factory import load_model
+
+    path = Path(path)
+    artifact = path / "model" if (path / "model" / "biosam2.json").exists() else path
+    return load_model(artifact, base_weights=base_weights), read_artifact_description(artifact).get("metadata", {})
+
+
+def load_for_prediction(run: str | Path, *, ensemble: Sequence[str | Path] = (), tta: bool = False,
+                        base_weights: str | None = None) -> tuple[nn.Module, dict]:
+    """What `biosam2 predict RUN [--ensemble RUN...] [--tta]` predicts with: the run's model, or an
+    :class:`Averaged` of it and the ensemble's; the metadata is the first run's (its postprocessing too)."""
+    model, metadata = load_run_model(run, base_weights)
+    if ensemble or tta:
+        members = [(str(run), model, metadata)] + [(str(other), *load_run_model(other, base_weights)) for other in ensemble]
+        check_ensemble([(name, meta) for name, _, meta in members])
+        model = Averaged([member for _, member, _ in members], mirror=tta)
+    return model, metadata

@@ -21,6 +21,7 @@ import logging
 import os
 import re
 import shutil
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -296,3 +297,30 @@ def _write_probabilities(output: Path, case: InputCase, reference: LoadedImage, 
     else:
         with atomic_output(output / f"{case.name}_probabilities.npy", suffix=".npy") as temporary:
             np.save(temporary, probabilities.astype(np.float32, copy=False))
+
+
+def predict_and_evaluate(run: Path, data: Path, out: Path, *, ensemble: list[Path] = (), tta: bool = False,
+                         postprocess: str = "validated") -> dict:
+    """``biosam2 predict RUN DATA/imagesTs OUT/test_predictions [--ensemble ...] [--tta] [--no-postprocess]``,
+    then its evaluation against DATA/labelsTs into OUT/evaluation.json/.md; returns the headline metrics.
+    ``postprocess``: the largest component of the classes the run chose on validation ("validated", as
+    predict does), of none, or of every foreground class ("all", to measure what the choice is worth)."""
+    from biosam2.data.dataset_format import load_dataset_spec
+    from biosam2.evaluation import evaluate_folders
+    from biosam2.inference.averaging import load_for_prediction
+    from biosam2.training.run import headline_metrics
+
+    spec = load_dataset_spec(data)
+    model, metadata = load_for_prediction(run, ensemble=ensemble, tta=tta)
+    begin = time.perf_counter()
+    written = predict_files(model, spec.root / "imagesTs", out / "test_predictions", overwrite=True,
+                            normalization=Normalization.from_dict(metadata["normalization"]),
+                            channel_names=metadata.get("channel_names"),
+                            keep_largest={"validated": (metadata.get("postprocessing") or {}).get("largest_component"),
+                                          "none": [], "all": sorted(set(spec.labels.values()) - {0})}[postprocess])
+    seconds = time.perf_counter() - begin
+    result = evaluate_folders(out / "test_predictions", spec.root / "labelsTs", labels=spec.declared_labels,
+                              spacing_known=spec.spacing_known)
+    result.write_json(out / "evaluation.json")
+    result.write_markdown(out / "evaluation.md")
+    return headline_metrics(result) | {"inference_seconds_mean": round(seconds / max(1, len(written)), 4)}

@@ -373,6 +373,7 @@ def _train(data, run: Path, config: TrainConfig, *, resume: bool, progress_bar: 
         "best_val_mIoU": float(best.best_model_score) if best.best_model_score is not None else None,
         "best_epoch": _epoch_of(best_path),
         "epochs_trained": trainer.current_epoch,
+        "optimizer_steps": trainer.global_step,
         "parameters": count_parameters(model)._asdict(),
         "split": split.note,
         "normalization": normalization.to_dict(),

@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 
 import yaml
 
-from biosam2.atomic_io import atomic_write_json
+from biosam2.atomic_io import atomic_write_json, atomic_write_text
 from biosam2.bench.accuracy.grid import Cell, DatasetEntry, Grid
 from biosam2.errors import ConfigError
 
@@ -47,7 +47,9 @@ def cell_state(run_dir: Path, wanted: dict[str, Any] | None = None) -> CellState
     if not run_dir.is_dir():
         return CellState(CONFLICT, f"{run_dir} is a file, not a run directory; move it away")
     finished = (run_dir / "metrics.json").is_file()
-    if not finished and not (run_dir / "checkpoints" / "last.ckpt").is_file():
+    # nnU-Net cells continue from nnU-Net's own checkpoint, `predict:` cells start again: both resume
+    restartable = (wanted or {}).get("method") in ("nnunet", "predict") and (run_dir / "config.yaml").is_file()
+    if not finished and not restartable and not (run_dir / "checkpoints" / "last.ckpt").is_file():
         contents = ", ".join(sorted(p.name for p in run_dir.iterdir())[:6])
         return CellState(CONFLICT, f"{run_dir} holds {contents} but neither metrics.json (finished) nor "
                          "checkpoints/last.ckpt (resumable); move it away to run the cell from the start")
@@ -134,19 +136,46 @@ def _call_train(data: Path, run: Path, config: Any, *, resume: bool, progress_ba
     return train(data, run, config, resume=resume, progress_bar=progress_bar)
 
 
+def _call_other(grid: Grid, cell: Cell, out: Path, data: Path) -> None:
+    """An nnU-Net cell, or a `predict:` cell (the test split predicted by the same seed's finished runs,
+    as `biosam2 predict` would); config.yaml first (it marks the run), metrics.json last (finished)."""
+    entry, run = grid.methods[cell.method], cell.run_dir(out)
+    atomic_write_text(run / "config.yaml", yaml.safe_dump(grid.wanted(cell), sort_keys=False))
+    started = time.time()
+    if entry.nnunet:
+        from biosam2.baselines.nnunet import run_baseline
+
+        metrics = run_baseline(data, run, seed=cell.seed, **entry.nnunet.model_dump())
+    else:
+        from biosam2.inference.predict_files import predict_and_evaluate
+
+        runs = [Cell(cell.dataset, m, cell.seed).run_dir(out) for m in [entry.predict.base, *entry.predict.ensemble]]
+        if unfinished := [str(r) for r in runs if not (r / "metrics.json").is_file()]:
+            raise ConfigError(f"{cell.key} predicts with {', '.join(unfinished)}, which has not finished: run those cells first")
+        members = [read_json(r / "metrics.json") or {} for r in runs]
+        metrics = {"predict": entry.predict.model_dump(mode="json"), "runs": [str(r) for r in runs],
+                   "parameters": {"trainable": sum((m.get("parameters") or {}).get("trainable") or 0 for m in members)},
+                   "test": predict_and_evaluate(runs[0], data, run, ensemble=runs[1:], tta=entry.predict.tta,
+                                                postprocess=entry.predict.postprocess)}
+    atomic_write_json(run / "metrics.json", metrics | {"seconds": round(time.time() - started, 1)})
+
+
 def run_cell(grid: Grid, cell: Cell, out: Path, data: Path, *, runtime: dict | None = None, progress_bar: bool = False) -> CellOutcome:
     """Train (or resume) one cell in this process; a failure is recorded, never raised (Ctrl-C is)."""
     from biosam2.model.sam2_weights import RandomWeightsWarning
 
-    config = grid.config(cell, runtime)
-    state = cell_state(cell.run_dir(out), config.to_dict())
+    state = cell_state(cell.run_dir(out), grid.wanted(cell))
     if state.state in (FINISHED, CONFLICT):
         return CellOutcome(cell, "skipped" if state.state == FINISHED else CONFLICT, error=state.reason or None)
     started = time.time()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RandomWeightsWarning)  # said once, in the results' caveat
-            _call_train(data, cell.run_dir(out), config, resume=state.state == RESUMABLE, progress_bar=progress_bar)
+            if grid.methods[cell.method].kind != "train":
+                _call_other(grid, cell, out, data)
+            else:
+                _call_train(data, cell.run_dir(out), grid.config(cell, runtime), resume=state.state == RESUMABLE,
+                            progress_bar=progress_bar)
     except Exception as error:  # noqa: BLE001 - one failed cell must not stop the grid
         message = f"{type(error).__name__}: {error}"
         atomic_write_json(cell.failure_file(out), {

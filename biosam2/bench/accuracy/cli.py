@@ -82,7 +82,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         raise ConfigError("--gpus: torch sees no CUDA device on this machine; leave --gpus out to run on the CPU")
     if slots and max(int(s) for s in slots) >= visible:
         raise ConfigError(f"--gpus {args.gpus}: torch sees {visible} device(s), indices 0..{visible - 1}")
-    states = {cell: cell_state(cell.run_dir(out), grid.config(cell).to_dict()) for cell in cells}
+    states = {cell: cell_state(cell.run_dir(out), grid.wanted(cell)) for cell in cells}
     to_run = [cell for cell in cells if states[cell].state in (NEW, RESUMABLE)]
     data = {name: dataset_status(entry, out) for name, entry in grid.datasets.items()}
     counts = {s: sum(v.state == s for v in states.values()) for s in (FINISHED, RESUMABLE, NEW, CONFLICT)}

@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints, ValidationError
@@ -53,13 +53,52 @@ class DatasetEntry(_Block):
         return out / "data" / self.name if self.convert else self.path
 
 
+PositiveInt = Annotated[StrictInt, Field(ge=1)]
+
+
+class NnUNetBlock(_Block):
+    """nnU-Net v2 through its own package (biosam2.baselines.nnunet); defaults are nnU-Net's."""
+
+    configuration: str = "2d"  # the fair match for a 2-D slice model
+    epochs: PositiveInt = 1000
+    iterations_per_epoch: PositiveInt = 250
+    val_iterations_per_epoch: PositiveInt = 50
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    augmentation_processes: Annotated[StrictInt, Field(ge=0)] | None = None  # nnU-Net's own default
+
+
+class PredictBlock(_Block):
+    """A trained method of the grid predicted another way (same seed): nothing is trained."""
+
+    base: str  # the method whose run predicts
+    tta: bool = False
+    ensemble: list[str] = []  # other methods whose runs (same dataset and seed) are averaged with it
+    # largest connected component: on the classes the run chose on validation, on none, or on every class
+    postprocess: Literal["validated", "none", "all"] = "validated"
+
+
+class PublishedFigure(_Block):
+    """A figure a paper published for this method and dataset: what a run of the grid should reproduce."""
+
+    miou: float  # in %, as published
+    tolerance: Annotated[float, Field(ge=0)]  # in mIoU points: reproduced when |measured - miou| <= tolerance
+    source: str  # citation and the protocol the figure was measured under
+
+
 class MethodEntry(_Block):
     name: str = ""
     label: str | None = None
     preset: str | None = None  # a key of biosam2.model.factory.METHODS; default: the method's name, if it is one
     train: dict[str, Any] = {}
+    nnunet: NnUNetBlock | None = None
+    predict: PredictBlock | None = None
+    published: dict[str, PublishedFigure] = {}  # dataset -> the figure to reproduce
     datasets: Names | None = None
     note: str | None = None
+
+    @property
+    def kind(self) -> str:  # "train" (a biosam2 run), "nnunet" or "predict"
+        return "nnunet" if self.nnunet else "predict" if self.predict else "train"
 
 
 class AblationEntry(_Block):
@@ -115,11 +154,17 @@ class Grid:
     ablations: list[AblationEntry]
 
     def method_runs_on(self, method: str, dataset: str) -> bool:
-        return self.methods[method].datasets is None or dataset in self.methods[method].datasets
+        entry = self.methods[method]
+        if entry.predict:  # where its base and ensemble members run
+            return all(self.method_runs_on(m, dataset) for m in [entry.predict.base, *entry.predict.ensemble]) \
+                and (entry.datasets is None or dataset in entry.datasets)
+        return entry.datasets is None or dataset in entry.datasets
 
     def cells(self) -> list[Cell]:
-        """Every cell, seed first: an interrupted grid has complete tables for its first seeds."""
-        return [Cell(d, m, s) for s in self.seeds for d in self.datasets for m in self.methods if self.method_runs_on(m, d)]
+        """Every cell, seed first: an interrupted grid has complete tables for its first seeds; in each
+        dataset the `predict:` methods come last, after the runs they predict with."""
+        methods = sorted(self.methods, key=lambda m: self.methods[m].kind == "predict")
+        return [Cell(d, m, s) for s in self.seeds for d in self.datasets for m in methods if self.method_runs_on(m, d)]
 
     def options(self, dataset: str, method: str, seed: int) -> dict[str, Any]:
         """The cell's TrainConfig options: defaults < dataset's train < method's preset < method's train < seed."""
@@ -130,12 +175,21 @@ class Grid:
         return {**self.defaults, **self.datasets[dataset].train, **preset, **entry.train, "seed": seed}
 
     def config(self, cell: Cell, runtime: dict[str, Any] | None = None):
+        """A training cell's TrainConfig."""
         from biosam2.training.config import TrainConfig
 
         return TrainConfig.from_dict({**self.options(cell.dataset, cell.method, cell.seed), **(runtime or {})}, cell.key)
 
+    def wanted(self, cell: Cell) -> dict[str, Any]:
+        """What the cell's config.yaml must hold for its run to be this cell's."""
+        entry = self.methods[cell.method]
+        if entry.kind == "train":
+            return self.config(cell).to_dict()
+        block = entry.nnunet or entry.predict
+        return {"method": entry.kind, **block.model_dump(mode="json"), "seed": cell.seed}
+
     def uses_random_weights(self) -> bool:
-        return any(self.config(cell).weights == RANDOM_WEIGHTS for cell in self.cells())
+        return any(self.config(cell).weights == RANDOM_WEIGHTS for cell in self.cells() if self.methods[cell.method].kind == "train")
 
     def sha256(self) -> str:
         return hashlib.sha256(self.text.encode()).hexdigest()
@@ -232,6 +286,17 @@ def load_grid(reference: str | Path, data_root: str | Path | None = None) -> Gri
         datasets[name] = entry.model_copy(update=update)
     methods = {}
     for name, entry in raw.methods.items():
+        known(list(entry.published), datasets, f"methods.{name}.published", "dataset")
+        if entry.kind != "train":
+            if entry.nnunet and entry.predict or {"preset", "train"} & entry.model_fields_set:
+                raise fail(f"methods.{name}", "give one of `nnunet:`, `predict:` or biosam2's `preset:`/`train:`")
+            if entry.predict:
+                members = [entry.predict.base, *entry.predict.ensemble]
+                known(members, raw.methods, f"methods.{name}.predict", "method")
+                if untrained := [m for m in members if raw.methods[m].kind != "train"]:
+                    raise fail(f"methods.{name}.predict", f"{', '.join(untrained)}: not a biosam2 method trained by the grid")
+            methods[name] = entry.model_copy(update={"name": name, "label": entry.label or name})
+            continue
         preset = entry.preset if "preset" in entry.model_fields_set else (name if name in METHODS else None)
         if preset is not None and preset not in METHODS:
             raise fail(f"methods.{name}.preset", f"{preset!r}: choose one of {', '.join(METHODS)}")
@@ -241,7 +306,7 @@ def load_grid(reference: str | Path, data_root: str | Path | None = None) -> Gri
     grid = Grid(raw.name or file.stem, raw.description, file, text, root, "--data-root" if data_root is not None else "grid file",
                 tuple(raw.seeds), raw.defaults, datasets, methods, [])
     for dataset in datasets:  # every cell's merged options make a valid TrainConfig before anything runs
-        for method in (m for m in methods if grid.method_runs_on(m, dataset)):
+        for method in (m for m in methods if grid.method_runs_on(m, dataset) and methods[m].kind == "train"):
             merged = {k: v for k, v in grid.options(dataset, method, 0).items() if k != "seed"}
             try:
                 TrainConfig.from_dict(merged)

@@ -36,7 +36,7 @@ def collect(grid: Grid, out: Path) -> list[dict[str, Any]]:
     """One record per cell of the grid, from its run directory (and failure record); values are fractions."""
     records = []
     for cell in grid.cells():
-        state, reason = cell_state(cell.run_dir(out), grid.config(cell).to_dict())
+        state, reason = cell_state(cell.run_dir(out), grid.wanted(cell))
         record: dict[str, Any] = {"dataset": cell.dataset, "method": cell.method, "seed": cell.seed, "state": state,
                                   "reason": reason or None}
         records.append(record)
@@ -56,11 +56,35 @@ def collect(grid: Grid, out: Path) -> list[dict[str, Any]]:
             transunet_dice=(evaluation.get("protocols") or {}).get("transunet", {}).get("mean_dice"),
             image_mdice=(evaluation.get("protocols") or {}).get("per_image", {}).get("mdice"),
             trainable_parameters=(metrics.get("parameters") or {}).get("trainable"),
+            budget=_budget(grid, cell, metrics, run),
             cases={name: len(split.get(name) or []) for name in ("train", "val", "test")} if split else None,
         )
         if not evaluation:
             record["reason"] = "finished without a test evaluation (evaluate_test: false or no labelled test cases)"
     return records
+
+
+def _budget(grid: Grid, cell: Cell, metrics: dict[str, Any], run: Path) -> str:
+    """How the cell trained: optimiser steps x batch size, and the patch (or whole image resized) it saw."""
+    entry = grid.methods[cell.method]
+    if entry.predict:
+        return "no training: " + " + ".join([entry.predict.base, *entry.predict.ensemble]) + "'s run(s)"
+    if "budget" in metrics:  # nnU-Net
+        budget = metrics["budget"]
+        return f"{budget['optimizer_steps']} x {budget['batch_size']}, patch {'x'.join(map(str, budget['patch_size']))}"
+    config = grid.config(cell)
+    steps = metrics.get("optimizer_steps")
+    if steps is None and (run / "checkpoints" / "last.ckpt").is_file():  # runs from before metrics.json had it
+        import pickle
+
+        import torch
+
+        try:
+            steps = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True).get("global_step")
+        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError):
+            steps = None  # shown as "?"
+    return (f"{steps if steps is not None else '?'} x {config.batch_size}, "
+            f"{config.input_mode} {config.patch_size}" + (f", model input {config.input_size}" if config.input_size else ""))
 
 
 def summary(values: list[float], expected: int, states: dict[str, int], scale: float = 1.0) -> dict[str, Any]:
@@ -86,11 +110,15 @@ def summarize(records: list[dict[str, Any]], dataset: str, method: str, metric: 
 
 
 def _varying_options(grid: Grid, methods: list[str], dataset: str) -> dict[str, str]:
-    """Per method, the options that differ among ``methods`` on ``dataset``: what an ablation varies."""
-    options = {m: grid.config(Cell(dataset, m, grid.seeds[0])).to_dict() for m in methods}
-    names = sorted({k for o in options.values() for k in o} - {"seed"} - RUNTIME_OPTIONS)
-    varying = [k for k in names if len({json.dumps(o.get(k), sort_keys=True) for o in options.values()}) > 1]
-    return {m: ", ".join(f"{k}={options[m].get(k)}" for k in varying) or "(same options)" for m in methods}
+    """Per method, what an ablation varies: the training options that differ among its biosam2 methods
+    on ``dataset``; for the other kinds, their own block."""
+    options = {m: grid.wanted(Cell(dataset, m, grid.seeds[0])) for m in methods}
+    trained = [m for m in methods if grid.methods[m].kind == "train"]
+    names = sorted({k for m in trained for k in options[m]} - {"seed"} - RUNTIME_OPTIONS)
+    varying = [k for k in names if len({json.dumps(options[m].get(k), sort_keys=True) for m in trained}) > 1]
+    settings = {m: ", ".join(f"{k}={options[m].get(k)}" for k in varying) or "(same options)" for m in trained}
+    return settings | {m: ", ".join(f"{k}={v}" for k, v in options[m].items() if k not in ("method", "seed"))
+                       for m in methods if m not in trained}
 
 
 def build_results(grid: Grid, records: list[dict[str, Any]], invocation: dict[str, Any]) -> dict[str, Any]:
@@ -105,6 +133,8 @@ def build_results(grid: Grid, records: list[dict[str, Any]], invocation: dict[st
                                                == (m, entry.datasets[0]) and r.get("trainable_parameters")), None),
                  "miou": {d: summarize(records, d, m, "miou") for d in entry.datasets}} for m in entry.methods]
         ablations.append({"title": entry.title, "note": entry.note, "datasets": entry.datasets, "rows": rows})
+    budgets = {m: {d: next((r["budget"] for r in records if (r["method"], r["dataset"]) == (m, d) and r.get("budget")), None)
+                   for d in grid.datasets} for m in grid.methods}
     return {
         "grid": {"name": grid.name, "file": str(grid.file), "sha256": grid.sha256(), "description": grid.description},
         **invocation,
@@ -124,9 +154,41 @@ def build_results(grid: Grid, records: list[dict[str, Any]], invocation: dict[st
         "cell_counts": dict(Counter(r["state"] for r in records)),
         "cell_seconds_total": round(sum(r.get("seconds") or 0.0 for r in records if r["state"] == FINISHED), 1),
         "tables": tables,
+        "budgets": budgets,
+        "reproduction": reproduction(grid, tables["miou"]["rows"], grid.uses_random_weights()),
         "ablations": ablations,
         "cells": records,
     }
+
+
+def reproduction(grid: Grid, miou: dict[str, dict[str, Any]], random_weights: bool) -> dict[str, Any] | None:
+    """Published figures against this grid's mean mIoU, per dataset: "reproduced" when every published
+    row is within its tolerance, "not reproduced" when one is not, "not run" until each has a value;
+    a grid on random weights compares nothing. None when no method of the grid has a published figure."""
+    if not any(entry.published for entry in grid.methods.values()):
+        return None
+    rows, verdicts = [], {}
+    for dataset in grid.datasets:
+        states = []
+        for method, entry in grid.methods.items():
+            if not grid.method_runs_on(method, dataset):
+                continue
+            figure, measured = entry.published.get(dataset), (miou[method][dataset] or {}).get("mean")
+            if figure is None:
+                state = "no published figure"
+            elif random_weights:
+                state = "not comparable (random weights)"
+            elif measured is None:
+                state = "not run"
+            else:
+                state = "reproduced" if abs(measured - figure.miou) <= figure.tolerance else "not reproduced"
+            if figure:
+                states.append(state)
+            rows.append({"dataset": dataset, "method": method, "published": figure and figure.model_dump(),
+                         "measured": miou[method][dataset]["text"] if miou[method][dataset] else "n/a", "verdict": state})
+        verdicts[dataset] = ("no published figure" if not states else next(
+            (v for v in ("not comparable (random weights)", "not reproduced", "not run") if v in states), "reproduced"))
+    return {"verdicts": verdicts, "rows": rows}
 
 
 def table(headers: list[str], rows: list[list[str]], align: list[str] | None = None) -> list[str]:
@@ -162,6 +224,18 @@ def render_markdown(results: dict[str, Any]) -> str:
         lines += ["", f"## {block['title']}", ""] + table(
             ["method"] + [datasets[d]["label"] + unit[d] for d in datasets],
             [[labels[m]] + [(block["rows"][m][d] or {"text": "n/a"})["text"] for d in datasets] for m in labels])
+    lines += ["", "## Training budget (optimiser steps x batch size, what each step saw)", ""] + table(
+        ["method"] + [datasets[d]["label"] for d in datasets],
+        [[labels[m]] + [results["budgets"][m][d] or "—" for d in datasets] for m in labels], ["---"] * (1 + len(datasets)))
+    if results.get("reproduction"):
+        block = results["reproduction"]
+        lines += ["", "## Reproduction of the published figures", "",
+                  "Per dataset: " + "; ".join(f"{datasets[d]['label']}: **{v}**" for d, v in block["verdicts"].items()), ""]
+        lines += table(["dataset", "method", "published mIoU (%)", "tolerance", "this grid", "verdict", "source and protocol"],
+                       [[datasets[r["dataset"]]["label"], labels[r["method"]],
+                         f"{r['published']['miou']:.2f}" if r["published"] else "—",
+                         f"± {r['published']['tolerance']:.1f}" if r["published"] else "—", r["measured"], r["verdict"],
+                         r["published"]["source"] if r["published"] else ""] for r in block["rows"]], ["---"] * 7)
     for ablation in results["ablations"]:
         lines += ["", f"## Ablation: {ablation['title']}", ""] + ([ablation["note"].strip(), ""] if ablation["note"] else [])
         lines += table(["method", "setting", "trainable params (saved model)"]
