@@ -88,6 +88,13 @@ def minimal_grid(dataset_path: str = "/nowhere/data", **changes) -> dict:
         ({"methods": {"m": {"train": {"adapter_blocks": [99]}}}}, "methods.m.train", "adapter_blocks"),
         ({"ablations": [{"title": "x", "methods": ["vanilla-sam2", "ghost"]}]}, "ablations[0].methods", "unknown method(s) ghost"),
         ({"ablations": [{"methods": ["vanilla-sam2", "biosam2-lw"]}]}, "ablations[0].title", "missing"),
+        ({"methods": {"p": {"predict": {"base": "ghost"}}}}, "methods.p.predict", "unknown method(s) ghost"),
+        ({"methods": {"n": {"nnunet": {}, "train": {"epochs": 2}}}}, "methods.n", "give one of"),
+        ({"methods": {"n": {"nnunet": {}}, "p": {"predict": {"base": "n"}}}}, "methods.p.predict", "n: not a biosam2 method"),
+        ({"methods": {"n": {"nnunet": {"epochs": 0}}}}, "methods.n.nnunet.epochs", "greater than or equal to 1"),
+        ({"methods": {"n": {"nnunet": {"device": "tpu"}}}}, "methods.n.nnunet.device", "'auto', 'cpu' or 'cuda'"),
+        ({"methods": {"p": {"predict": {"base": "m", "postprocess": "some"}}, "m": {}}}, "methods.p.predict.postprocess", "'validated', 'none' or 'all'"),
+        ({"methods": {"m": {"published": {"other": {"miou": 1.0, "tolerance": 1.0, "source": "x"}}}}}, "methods.m.published", "unknown dataset(s) other"),
     ],
 )
 def test_grid_errors_name_the_file_and_the_key(tmp_path, change, key, message):
@@ -290,6 +297,53 @@ def test_aggregation_means_stds_counts_and_missing_cells(tmp_path):
     assert "RuntimeError: boom" in markdown
 
 
+def test_published_figures_are_reproduced_within_their_tolerance_or_say_why_not(tmp_path):
+    figure = {"tolerance": 5.0, "source": "a paper, its protocol"}
+    payload = {
+        "seeds": [0, 1], "defaults": {"weights": "meta", "epochs": 1},
+        "datasets": {"d1": {"path": "/d1"}, "d2": {"path": "/d2"}, "d3": {"path": "/d3"}},
+        "methods": {"a": {"preset": "biosam2-hp", "published": {"d1": {"miou": 60.0, **figure}, "d2": {"miou": 50.0, **figure},
+                                                               "d3": {"miou": 70.0, **figure}}},
+                    "b": {"preset": "vanilla-sam2"}},
+    }
+    grid = load_grid(write_grid(tmp_path, payload))
+    out = tmp_path / "out"
+    for seed, miou in enumerate([0.55, 0.60]):  # mean 57.5: 2.5 points from 60
+        _fabricate(out, grid, Cell("d1", "a", seed), miou, dice=0.8, hd95=1.0)
+    _fabricate(out, grid, Cell("d2", "a", 0), 0.40, dice=0.8, hd95=1.0)  # 10 points from 50
+    _fabricate(out, grid, Cell("d1", "b", 0), 0.99, dice=0.8, hd95=1.0)
+    _aggregate(grid, out)
+    block = json.loads((out / "results.json").read_text())["reproduction"]
+    assert block["verdicts"] == {"d1": "reproduced", "d2": "not reproduced", "d3": "not run"}
+    verdict = {(r["dataset"], r["method"]): r["verdict"] for r in block["rows"]}
+    assert verdict[("d1", "b")] == "no published figure" and verdict[("d2", "a")] == "not reproduced"
+    markdown = (out / "results.md").read_text()
+    assert "| d1 | a | 60.00 | ± 5.0 | 57.50 ± 3.54 (n=2) | reproduced | a paper, its protocol |" in markdown
+
+    # random weights reproduce nothing, whatever the numbers
+    payload["defaults"]["weights"] = "random"
+    grid = load_grid(write_grid(tmp_path, payload, "random.yaml"))
+    _aggregate(grid, tmp_path / "random")
+    verdicts = json.loads((tmp_path / "random" / "results.json").read_text())["reproduction"]["verdicts"]
+    assert set(verdicts.values()) == {"not comparable (random weights)"}
+
+
+def test_the_paper_grid_states_the_published_figures_and_says_not_run_until_run(tmp_path):
+    grid = load_grid("paper", data_root=tmp_path)
+    _aggregate(grid, tmp_path / "out")
+    block = json.loads((tmp_path / "out" / "results.json").read_text())["reproduction"]
+    assert block["verdicts"] == {"isbi2012": "not run", "kvasir-seg": "not run", "synapse": "not run", "acdc": "not run"}
+    published = {(r["dataset"], r["method"]): r["published"]["miou"] for r in block["rows"] if r["published"]}
+    # HP as published; vanilla SAM2 as HP minus the published gain (METHOD.md)
+    assert published == {("isbi2012", "biosam2-hp"): 77.51, ("isbi2012", "vanilla-sam2"): 57.85,
+                         ("kvasir-seg", "biosam2-hp"): 85.84, ("kvasir-seg", "vanilla-sam2"): 82.99,
+                         ("synapse", "biosam2-hp"): 66.62, ("synapse", "vanilla-sam2"): 61.11,
+                         ("acdc", "biosam2-hp"): 85.20, ("acdc", "vanilla-sam2"): 81.14}
+    others = {r["verdict"] for r in block["rows"] if not r["published"]}
+    assert others == {"no published figure"}
+    assert grid.methods["nnunet-2d"].nnunet.epochs == 1000  # nnU-Net's default budget, for a GPU machine
+
+
 def test_hd95_is_reported_in_the_unit_the_evaluations_give(tmp_path):
     # volumes without a physical spacing (dataset.json "spacing": "unknown") are evaluated in voxels
     path = write_grid(tmp_path, minimal_grid(datasets={"vol": {"path": "/vol"}, "ct": {"path": "/ct"}}))
@@ -422,7 +476,10 @@ def tiny_grid(tmp_path_factory):
         "defaults": {"weights": "random", "epochs": 1, "batch_size": 2, "patch_size": 64, "lr": 1e-3, "num_workers": 0,
                      "overlays": 0, "limit_train_batches": 2},
         "datasets": {"syn": {"label": "Synthetic", "path": str(data)}},
-        "methods": {"vanilla-sam2": {}, "biosam2-lw": {"label": "LW"}},
+        # predict: cells listed first, to show that they still run after the runs they use
+        "methods": {"lw-twice": {"predict": {"base": "biosam2-lw", "ensemble": ["biosam2-lw"]}},
+                    "lw-tta": {"predict": {"base": "biosam2-lw", "tta": True, "postprocess": "none"}},
+                    "vanilla-sam2": {}, "biosam2-lw": {"label": "LW"}},
         "ablations": [{"title": "LW vs decoder-only", "methods": ["biosam2-lw", "vanilla-sam2"]}],
     })
     return path, root / "out"
@@ -441,10 +498,19 @@ def test_a_tiny_grid_runs_resumes_skips_and_aggregates(tiny_grid, monkeypatch):
     assert run_from_args(parse(path, "--out", out)) == 0
     assert calls == [("runs/syn/vanilla-sam2/seed0", False), ("runs/syn/biosam2-lw/seed0", False)]
     results = json.loads((out / "results.json").read_text())
-    assert results["cell_counts"] == {"finished": 2}
+    assert results["cell_counts"] == {"finished": 4}
     for method in ("vanilla-sam2", "biosam2-lw"):
         entry = results["tables"]["miou"]["rows"][method]["syn"]
         assert entry["n"] == 1 and 0 <= entry["mean"] <= 100
+    # a run ensembled with itself predicts what it predicts alone, through its own prediction and evaluation
+    miou = {c["method"]: c["miou"] for c in results["cells"]}
+    assert miou["lw-twice"] == pytest.approx(miou["biosam2-lw"], abs=1e-9)
+    twice = out / "runs/syn/lw-twice/seed0"
+    assert sorted(p.name for p in (twice / "test_predictions").iterdir()) == sorted(
+        p.name for p in (out / "runs/syn/biosam2-lw/seed0/test_predictions").iterdir())
+    assert json.loads((out / "runs/syn/lw-tta/seed0/evaluation.json").read_text())["num_cases"] == 2
+    budgets = results["budgets"]
+    assert budgets["biosam2-lw"]["syn"].startswith("2 x 2, crop 64") and budgets["lw-tta"]["syn"] == "no training: biosam2-lw's run(s)"
     assert results["hd95_units"]["syn"]["unit"] == "pixels"
     assert (out / "grid.yaml").read_text() == path.read_text()
     markdown = (out / "results.md").read_text()

@@ -179,14 +179,17 @@ def run_baseline(data: Path, run: Path, *, configuration: str = "2d", fold: int 
     if not split.test:
         raise ConfigError(f"{data}: no labelled test cases (imagesTs + labelsTs) to evaluate the nnU-Net baseline on")
     started, workspace = time.time(), run / "nnunet"
-    plans = plan_and_preprocess(data, workspace, configuration)
     budget = {"num_epochs": epochs, "num_iterations_per_epoch": iterations_per_epoch,
               "num_val_iterations_per_epoch": val_iterations_per_epoch}
-    with nnunet_environment(workspace, budget, augmentation_processes):
-        model = train(workspace, data, configuration=configuration, fold=fold, device=device, seed=seed)
-        begin = time.perf_counter()
-        predict(model, [case.images for case in split.test], run / "test_predictions", fold=fold, device=device)
-        predict_seconds = time.perf_counter() - begin
+    workspace.mkdir(parents=True, exist_ok=True)
+    # nnU-Net prints its plans and every epoch: into the run's log, not over the grid's own output
+    with open(workspace / "console.log", "a") as log, contextlib.redirect_stdout(log):
+        plans = plan_and_preprocess(data, workspace, configuration)
+        with nnunet_environment(workspace, budget, augmentation_processes):
+            model = train(workspace, data, configuration=configuration, fold=fold, device=device, seed=seed)
+            begin = time.perf_counter()
+            predict(model, [case.images for case in split.test], run / "test_predictions", fold=fold, device=device)
+            predict_seconds = time.perf_counter() - begin
     result = evaluate_folders(run / "test_predictions", spec.root / "labelsTs", labels=spec.declared_labels,
                               spacing_known=spec.spacing_known)
     result.write_json(run / "evaluation.json")
