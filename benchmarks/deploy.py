@@ -155,8 +155,8 @@ def whole_image_calls(data: Path, predictor_nnunet, model, paths: dict[str, Path
     reader = predictor_nnunet.plans_manager.image_reader_writer_class()
     array, properties = reader.read_images([str(image)])  # nnU-Net's own reader: its axis order and spacing
     calls["nnU-Net predictor"] = lambda: predictor_nnunet.predict_single_npy_array(array, properties)
-    forward_passes = len(predictor_nnunet._internal_get_sliding_window_slicers(array.shape[1:])) * 2 ** len(
-        predictor_nnunet.allowed_mirroring_axes)
+    mirrorings = 2 ** len(predictor_nnunet.allowed_mirroring_axes) if predictor_nnunet.use_mirroring else 1
+    forward_passes = len(predictor_nnunet._internal_get_sliding_window_slicers(array.shape[1:])) * mirrorings
     return image, raw.shape[-2:], forward_passes, calls
 
 
