@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -105,17 +106,24 @@ def prepare_dataset(entry: DatasetEntry, out: Path, *, convert: bool = True) -> 
     if not entry.convert.src.is_dir():
         raise ConfigError(f"datasets.{entry.name}: source {entry.convert.src} not found")
     print(f"converting {entry.name} from {entry.convert.src} into {target}", flush=True)
-    logger = logging.getLogger("biosam2")
-    level = logger.level
-    logger.setLevel(logging.WARNING)  # the converters log every case written
-    try:
+    with _quiet():  # the converters log every case written
         summary = convert_dataset(entry.convert.name, entry.convert.src, target, seed=entry.convert.seed,
                                   limit=entry.convert.limit, overwrite=True, **entry.convert.options)
-    finally:
-        logger.setLevel(level)
     print(summary, flush=True)
     atomic_write_json(marker, {"identity": wanted, "src": str(entry.convert.src), "summary": str(summary), "date": now()})
     return target
+
+
+@contextlib.contextmanager
+def _quiet():
+    """biosam2's per-file log lines (converted, predicted) off: a grid prints one line per cell."""
+    logger = logging.getLogger("biosam2")
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 # ---- running cells ------------------------------------------------------------------------------
@@ -153,10 +161,12 @@ def _call_other(grid: Grid, cell: Cell, out: Path, data: Path) -> None:
         if unfinished := [str(r) for r in runs if not (r / "metrics.json").is_file()]:
             raise ConfigError(f"{cell.key} predicts with {', '.join(unfinished)}, which has not finished: run those cells first")
         members = [read_json(r / "metrics.json") or {} for r in runs]
+        with _quiet():
+            test = predict_and_evaluate(runs[0], data, run, ensemble=runs[1:], tta=entry.predict.tta,
+                                        postprocess=entry.predict.postprocess)
         metrics = {"predict": entry.predict.model_dump(mode="json"), "runs": [str(r) for r in runs],
                    "parameters": {"trainable": sum((m.get("parameters") or {}).get("trainable") or 0 for m in members)},
-                   "test": predict_and_evaluate(runs[0], data, run, ensemble=runs[1:], tta=entry.predict.tta,
-                                                postprocess=entry.predict.postprocess)}
+                   "test": test}
     atomic_write_json(run / "metrics.json", metrics | {"seconds": round(time.time() - started, 1)})
 
 
