@@ -33,6 +33,7 @@ from biosam2.bench.accuracy import (
     shipped_grids,
 )
 from biosam2.bench import describe_machine
+from biosam2.data.splits import kfold_splits
 from biosam2.errors import ConfigError
 from biosam2.training.config import TrainConfig
 
@@ -579,6 +580,12 @@ def test_a_converted_dataset_is_made_once_and_reused(tmp_path, monkeypatch):
     stamp = (first / "dataset.json").stat().st_mtime_ns
     assert accuracy.prepare_dataset(grid.datasets["isbi"], out) == first
     assert (first / "dataset.json").stat().st_mtime_ns == stamp
+    # k folds (nnU-Net's, over train+val) replace the converter's single fold, in another copy
+    folded = load_grid(write_grid(tmp_path, minimal_grid(datasets={"isbi": {"convert": {"name": "isbi2012", "src": str(source),
+                                                                                          "folds": 3}}}), "folded.yaml"))
+    made = accuracy.prepare_dataset(folded.datasets["isbi"], tmp_path / "folded")
+    cases = sorted(p.name.removesuffix("_0000.png") for p in (made / "imagesTr").glob("*_0000.png"))
+    assert json.loads((made / "splits_final.json").read_text()) == kfold_splits(cases, 3)
     # the grid now asks for other data: refused, never silently mixed with runs made on the old copy
     payload["datasets"]["isbi"]["convert"]["limit"] = 2
     changed = load_grid(write_grid(tmp_path, payload))

@@ -110,6 +110,12 @@ def prepare_dataset(entry: DatasetEntry, out: Path, *, convert: bool = True) -> 
         summary = convert_dataset(entry.convert.name, entry.convert.src, target, seed=entry.convert.seed,
                                   limit=entry.convert.limit, overwrite=True, **entry.convert.options)
     print(summary, flush=True)
+    if entry.convert.folds:
+        from biosam2.data.dataset_format import load_dataset_spec, write_splits
+        from biosam2.data.splits import kfold_splits
+
+        cases = [case.case_id for case in load_dataset_spec(target).list_cases("train")]
+        write_splits(target, kfold_splits(cases, entry.convert.folds))
     atomic_write_json(marker, {"identity": wanted, "src": str(entry.convert.src), "summary": str(summary), "date": now()})
     return target
 

@@ -25,12 +25,14 @@ class _Block(BaseModel):
 
 
 class ConvertSource(_Block):
-    """How a dataset is made: ``convert_dataset(name, src, OUT/data/<dataset>, seed=, limit=, **options)``."""
+    """How a dataset is made: ``convert_dataset(name, src, OUT/data/<dataset>, seed=, limit=, **options)``,
+    then, with ``folds``, nnU-Net's k-fold splits_final.json in place of the converter's single fold."""
 
     name: str
     src: Path
     limit: Annotated[StrictInt, Field(ge=1)] | None = None
     seed: StrictInt = 0
+    folds: Annotated[StrictInt, Field(ge=2)] | None = None  # nnU-Net's k folds over train+val, as `biosam2 splits`
     options: dict[str, Any] = {}
 
     def identity(self) -> dict[str, Any]:
