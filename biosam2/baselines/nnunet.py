@@ -170,7 +170,6 @@ def run_baseline(data: Path, run: Path, *, configuration: str = "2d", fold: int 
     which the caller writes last (it marks the run finished)."""
     from biosam2.data.splits import resolve_split
     from biosam2.evaluation import evaluate_folders
-    from biosam2.training.run import headline_metrics
 
     require_nnunet()
     device = resolve_device(device)
@@ -206,7 +205,7 @@ def run_baseline(data: Path, run: Path, *, configuration: str = "2d", fold: int 
                    "patch_size": planned["patch_size"]},
         "parameters": {"total": parameters, "trainable": parameters},
         "split": split.note,
-        "test": headline_metrics(result) | {"inference_seconds_mean": round(predict_seconds / len(split.test), 4)},
+        "test": result.headline() | {"inference_seconds_mean": round(predict_seconds / len(split.test), 4)},
         "seconds": round(time.time() - started, 1),
     }
 

@@ -162,6 +162,15 @@ class EvaluationResult:
     def num_classes(self) -> int:
         return len(self.class_names)
 
+    def headline(self) -> dict[str, Any]:
+        """What a run's metrics.json keeps of the evaluation (the whole one is evaluation.json), as JSON values."""
+        import json
+
+        payload = self.to_dict()
+        keep = ("miou", "per_class_iou", "mean_foreground_dice", "mean_foreground_hd95", "hd95_unit", "num_cases",
+                "ignore_label", "ignored_pixels")
+        return json.loads(json.dumps({k: payload[k] for k in keep if k in payload}))
+
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-compatible data (NaN -> None), the same numbers as the Markdown table."""
         classes = {}

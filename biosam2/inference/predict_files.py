@@ -308,7 +308,6 @@ def predict_and_evaluate(run: Path, data: Path, out: Path, *, ensemble: list[Pat
     from biosam2.data.dataset_format import load_dataset_spec
     from biosam2.evaluation import evaluate_folders
     from biosam2.inference.averaging import load_for_prediction
-    from biosam2.training.run import headline_metrics
 
     spec = load_dataset_spec(data)
     model, metadata = load_for_prediction(run, ensemble=ensemble, tta=tta)
@@ -323,4 +322,4 @@ def predict_and_evaluate(run: Path, data: Path, out: Path, *, ensemble: list[Pat
                               spacing_known=spec.spacing_known)
     result.write_json(out / "evaluation.json")
     result.write_markdown(out / "evaluation.md")
-    return headline_metrics(result) | {"inference_seconds_mean": round(seconds / max(1, len(written)), 4)}
+    return result.headline() | {"inference_seconds_mean": round(seconds / max(1, len(written)), 4)}

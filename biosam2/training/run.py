@@ -494,12 +494,4 @@ def evaluate_split(predictor: Predictor, spec: DatasetSpec, cases: list[CaseFile
                               spacing_known=spec.spacing_known, case_ids=[files.case_id for files in cases] if stem else None)
     result.write_json(run / f"{stem}evaluation.json")
     result.write_markdown(run / f"{stem}evaluation.md")
-    return headline_metrics(result) | {"inference_seconds": seconds}
-
-
-def headline_metrics(result) -> dict[str, Any]:
-    """What metrics.json keeps of an evaluation (the whole one is evaluation.json), as plain JSON values."""
-    payload = result.to_dict()
-    keep = ("miou", "per_class_iou", "mean_foreground_dice", "mean_foreground_hd95", "hd95_unit", "num_cases")
-    keep += ("ignore_label", "ignored_pixels")
-    return json.loads(json.dumps({k: payload[k] for k in keep if k in payload}))
+    return result.headline() | {"inference_seconds": seconds}
