@@ -169,7 +169,7 @@ def run_baseline(data: Path, run: Path, *, configuration: str = "2d", fold: int 
     evaluation into ``run`` (evaluation.json/.md, test_predictions/); returns what goes in metrics.json,
     which the caller writes last (it marks the run finished)."""
     from biosam2.data.splits import resolve_split
-    from biosam2.evaluation import evaluate_folders
+    from biosam2.evaluation import evaluate_into
 
     require_nnunet()
     device = resolve_device(device)
@@ -189,10 +189,7 @@ def run_baseline(data: Path, run: Path, *, configuration: str = "2d", fold: int 
             begin = time.perf_counter()
             predict(model, [case.images for case in split.test], run / "test_predictions", fold=fold, device=device)
             predict_seconds = time.perf_counter() - begin
-    result = evaluate_folders(run / "test_predictions", spec.root / "labelsTs", labels=spec.declared_labels,
-                              spacing_known=spec.spacing_known)
-    result.write_json(run / "evaluation.json")
-    result.write_markdown(run / "evaluation.md")
+    result = evaluate_into(run, run / "test_predictions", spec)
     planned = plans["configurations"][configuration]
     network = planned_network(plans, data, configuration)
     parameters = sum(p.numel() for p in network.parameters())

@@ -155,3 +155,14 @@ def evaluate_folders(
     result = evaluator.result()
     result.ignored_predictions = [pred_files[case_id].name for case_id in ignored]
     return result
+
+
+def evaluate_into(out: Path, predictions: str | Path, spec: DatasetSpec, *, case_ids: list[str] | None = None,
+                  stem: str = "") -> EvaluationResult:
+    """A dataset's predictions scored with its classes and spacing, written to ``OUT/{stem}evaluation.json``
+    and ``.md`` (a run's evaluation): against labelsTs, or with ``case_ids`` (validation cases) labelsTr."""
+    result = evaluate_folders(predictions, spec.root / ("labelsTs" if case_ids is None else "labelsTr"),
+                              labels=spec.declared_labels, spacing_known=spec.spacing_known, case_ids=case_ids)
+    result.write_json(Path(out) / f"{stem}evaluation.json")
+    result.write_markdown(Path(out) / f"{stem}evaluation.md")
+    return result

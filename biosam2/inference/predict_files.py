@@ -306,7 +306,7 @@ def predict_and_evaluate(run: Path, data: Path, out: Path, *, ensemble: list[Pat
     ``postprocess``: the largest component of the classes the run chose on validation ("validated", as
     predict does), of none, or of every foreground class ("all", to measure what the choice is worth)."""
     from biosam2.data.dataset_format import load_dataset_spec
-    from biosam2.evaluation import evaluate_folders
+    from biosam2.evaluation import evaluate_into
     from biosam2.inference.averaging import load_for_prediction
 
     spec = load_dataset_spec(data)
@@ -318,8 +318,5 @@ def predict_and_evaluate(run: Path, data: Path, out: Path, *, ensemble: list[Pat
                             keep_largest={"validated": (metadata.get("postprocessing") or {}).get("largest_component"),
                                           "none": [], "all": sorted(set(spec.labels.values()) - {0})}[postprocess])
     seconds = time.perf_counter() - begin
-    result = evaluate_folders(out / "test_predictions", spec.root / "labelsTs", labels=spec.declared_labels,
-                              spacing_known=spec.spacing_known)
-    result.write_json(out / "evaluation.json")
-    result.write_markdown(out / "evaluation.md")
+    result = evaluate_into(out, out / "test_predictions", spec)
     return result.headline() | {"inference_seconds_mean": round(seconds / max(1, len(written)), 4)}

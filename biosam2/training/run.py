@@ -481,7 +481,7 @@ def evaluate_split(predictor: Predictor, spec: DatasetSpec, cases: list[CaseFile
                    stem: str = "") -> dict[str, Any]:
     """Predict every case (test, or with ``stem="val_"`` validation) at native resolution, write the label
     maps, evaluate them; the headline metrics, and each case's prediction time, for metrics.json."""
-    from biosam2.evaluation import evaluate_folders
+    from biosam2.evaluation import evaluate_into
 
     folder, seconds = run / f"{stem or 'test_'}predictions", {}
     for files in cases:
@@ -490,8 +490,5 @@ def evaluate_split(predictor: Predictor, spec: DatasetSpec, cases: list[CaseFile
         labels, _ = predictor.predict(case.image)
         seconds[case.case_id] = round(time.perf_counter() - begin, 4)
         write_like(prediction_path(folder, case.case_id, spec), labels, case.reference)
-    result = evaluate_folders(folder, spec.root / ("labelsTr" if stem else "labelsTs"), labels=spec.declared_labels,
-                              spacing_known=spec.spacing_known, case_ids=[files.case_id for files in cases] if stem else None)
-    result.write_json(run / f"{stem}evaluation.json")
-    result.write_markdown(run / f"{stem}evaluation.md")
+    result = evaluate_into(run, folder, spec, case_ids=[files.case_id for files in cases] if stem else None, stem=stem)
     return result.headline() | {"inference_seconds": seconds}
