@@ -56,7 +56,7 @@ def collect(grid: Grid, out: Path) -> list[dict[str, Any]]:
             transunet_dice=(evaluation.get("protocols") or {}).get("transunet", {}).get("mean_dice"),
             image_mdice=(evaluation.get("protocols") or {}).get("per_image", {}).get("mdice"),
             trainable_parameters=(metrics.get("parameters") or {}).get("trainable"),
-            budget=_budget(grid, cell, metrics, run),
+            budget=_budget(grid, cell, metrics),
             cases={name: len(split.get(name) or []) for name in ("train", "val", "test")} if split else None,
         )
         if not evaluation:
@@ -64,7 +64,7 @@ def collect(grid: Grid, out: Path) -> list[dict[str, Any]]:
     return records
 
 
-def _budget(grid: Grid, cell: Cell, metrics: dict[str, Any], run: Path) -> str:
+def _budget(grid: Grid, cell: Cell, metrics: dict[str, Any]) -> str:
     """How the cell trained: optimiser steps x batch size, and the patch (or whole image resized) it saw."""
     entry = grid.methods[cell.method]
     if entry.predict:
@@ -73,17 +73,8 @@ def _budget(grid: Grid, cell: Cell, metrics: dict[str, Any], run: Path) -> str:
         budget = metrics["budget"]
         return f"{budget['optimizer_steps']} x {budget['batch_size']}, patch {'x'.join(map(str, budget['patch_size']))}"
     config = grid.config(cell)
-    steps = metrics.get("optimizer_steps")
-    if steps is None and (run / "checkpoints" / "last.ckpt").is_file():  # runs from before metrics.json had it
-        import pickle
-
-        import torch
-
-        try:
-            steps = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True).get("global_step")
-        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError):
-            steps = None  # shown as "?"
-    return (f"{steps if steps is not None else '?'} x {config.batch_size}, "
+    steps = metrics.get("optimizer_steps", "?")  # "?": a run made before metrics.json recorded it
+    return (f"{steps} x {config.batch_size}, "
             f"{config.input_mode} {config.patch_size}" + (f", model input {config.input_size}" if config.input_size else ""))
 
 
