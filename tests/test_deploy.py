@@ -172,6 +172,22 @@ def test_hp_model_exports_through_deformconv(tmp_path):
     assert (engine(images) - expected).abs().max().item() <= 1e-4
 
 
+def test_a_failed_export_leaves_the_earlier_file_and_sidecar_as_they_were(colour, tmp_path, monkeypatch):
+    model, _ = colour
+    path = export_onnx(model, tmp_path / "model.onnx", channels=3)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def dies_half_way(graph, args, target, **options):
+        Path(target).write_bytes(b"half an onnx file")
+        raise RuntimeError("killed")
+
+    monkeypatch.setattr(torch.onnx, "export", dies_half_way)
+    with pytest.raises(RuntimeError, match="killed"):
+        export_onnx(model, path, channels=3, output="probabilities")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # no temporary file left either
+    assert OnnxModel(path).description["output"]["kind"] == "logits"
+
+
 def test_input_size_models_are_refused_and_native_ones_are_not(tmp_path):
     model = biosam2.build_model("tiny", weights="random", num_classes=2, adapter="lw", input_size=256).eval()
     with pytest.raises(ConfigError, match="input_size=256.*_upsample_bilinear2d_aa"):

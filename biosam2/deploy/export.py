@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from biosam2.atomic_io import atomic_output, atomic_write_text
 from biosam2.errors import ConfigError
 
 OUTPUTS = ("logits", "probabilities", "labels")
@@ -129,17 +130,20 @@ def export_onnx(
     model = prepare_model(model).float().cpu()
     graph = ExportedGraph(model, output)
     example = torch.rand(1, channels, 64, 96)
-    path.parent.mkdir(parents=True, exist_ok=True)
     axes = {0: "batch", 2: "height", 3: "width"}
-    with warnings.catch_warnings():
+    # Written under a temporary name and moved in whole: a failed or killed export leaves an earlier
+    # file and its sidecar as they were. The old sidecar goes just before the move, so a kill between
+    # the move and the new sidecar leaves a file without one, which the engine refuses.
+    with atomic_output(path, suffix=".onnx") as staged, warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about shape-dependent Python values: all are checked by tests
         torch.onnx.export(
-            graph, (example,), str(path), dynamo=False, opset_version=OPSET,
+            graph, (example,), str(staged), dynamo=False, opset_version=OPSET,
             input_names=["images"], output_names=[output],
             dynamic_axes={"images": axes, output: axes if output != "labels" else {0: "batch", 1: "height", 2: "width"}},
         )
-    if int8:
-        _quantize(path)
+        if int8:
+            _quantize(staged)
+        sidecar_path(path).unlink(missing_ok=True)
     metadata = metadata or {}
     labels = metadata.get("labels") or {}
     sidecar = {
@@ -159,7 +163,7 @@ def export_onnx(
         "opset": OPSET,
         "quantization": "int8-dynamic-matmul" if int8 else None,
     }
-    sidecar_path(path).write_text(json.dumps(sidecar, indent=2) + "\n")
+    atomic_write_text(sidecar_path(path), json.dumps(sidecar, indent=2) + "\n")
     return path
 
 
